@@ -1,0 +1,107 @@
+//! The typed boundary between immp's kernel programs and its userspace agent.
+//!
+//! Everything here is `#[repr(C)]` and plain old data: the eBPF side writes these values into
+//! maps, the user side reads them back with the same layout. Map names and stat slots live here
+//! too, so neither side spells a magic string or offset of its own.
+#![no_std]
+
+/// Per-process (per TGID) counters kept in the `COUNTERS` hash map.
+///
+/// All counts are monotonic for the life of one process incarnation; userspace diffs them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Write faults on not-present pages: first touch of anonymous memory, first write to a
+    /// mapped file page, swap-in for write.
+    pub write_new: u64,
+    /// Write faults on present pages: copy-on-write after fork, write-protect (soft-dirty
+    /// re-arm, uffd-wp), first write to a clean shared file page.
+    pub write_protect: u64,
+    /// Read (and instruction fetch) faults: not dirtying, reported for context.
+    pub read: u64,
+    /// Page-cache pages this process marked dirty (`writeback_dirty_folio`), counted in base
+    /// pages (a large folio counts all its pages).
+    pub pagecache_pages: u64,
+    /// Page-cache dirtying events that happened inside one of this process's own write faults:
+    /// that page was already counted as a fault, so the dirty estimate subtracts it once.
+    pub pagecache_in_fault: u64,
+    /// `bpf_ktime_get_boot_ns()` when this entry was created: tells one incarnation of a TGID
+    /// from the next when pids are reused between two samples.
+    pub first_ns: u64,
+}
+
+impl Counters {
+    /// Pages dirtied as far as the kernel events can tell (a lower bound without soft-dirty).
+    pub const fn dirty_pages(&self) -> u64 {
+        (self.write_new + self.write_protect + self.pagecache_pages)
+            .saturating_sub(self.pagecache_in_fault)
+    }
+}
+
+/// Sent through the `EXITS` ring buffer when a process exits: its final counters, after which
+/// the kernel side deletes the map entry (so exits never leak entries).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExitEvent {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub counters: Counters,
+}
+
+/// Scratch per CPU: which thread is inside a write fault right now (see `pagecache_in_fault`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultScratch {
+    pub tid: u32,
+    pub armed: u32,
+}
+
+/// Map names, shared so that the loader cannot drift from the programs.
+pub mod maps {
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const EXITS: &str = "EXITS";
+    pub const STATS: &str = "STATS";
+    pub const SCRATCH: &str = "SCRATCH";
+}
+
+/// Global variables the loader overrides at load time.
+pub mod globals {
+    /// Byte offset of the folio's page count (`_nr_pages` or `_folio_nr_pages`) inside
+    /// `struct folio`; 0 means unknown, and every dirtied folio then counts as one page.
+    pub const FOLIO_NR_PAGES_OFFSET: &str = "FOLIO_NR_PAGES_OFFSET";
+    /// Bit number of `PG_head` in `folio->flags` (set on large folios).
+    pub const PG_HEAD_BIT: &str = "PG_HEAD_BIT";
+}
+
+/// Slots of the `STATS` array: health counters that make losses visible, never silent.
+pub mod stats {
+    /// A new process could not get an entry: the `COUNTERS` map was full.
+    pub const MAP_FULL: u32 = 0;
+    /// An exit event could not be queued (ring buffer full): that process's last counts are lost.
+    pub const EXIT_LOST: u32 = 1;
+    /// Exit events sent.
+    pub const EXITS_SENT: u32 = 2;
+    /// Entries created.
+    pub const ENTRIES_CREATED: u32 = 3;
+    pub const LEN: u32 = 4;
+}
+
+/// Bits of the x86 page fault error code.
+pub mod fault {
+    pub const PRESENT: u64 = 1 << 0;
+    pub const WRITE: u64 = 1 << 1;
+    /// Highest user-space address on x86-64 (4-level paging); faults the kernel takes on user
+    /// memory (e.g. `read()` into a fresh buffer) count, faults on kernel memory do not.
+    pub const USER_ADDR_LIMIT: u64 = 0x0000_8000_0000_0000;
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all three are #[repr(C)] structs of integers with no padding holes that matter
+    // (explicit `_pad`), valid for any bit pattern.
+    unsafe impl aya::Pod for super::Counters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ExitEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FaultScratch {}
+}

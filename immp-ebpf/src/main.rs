@@ -1,0 +1,251 @@
+//! immp's kernel side: per-TGID counters of write faults (new page / write-protect), read faults
+//! and page-cache pages dirtied, reaped at process exit.
+//!
+//! Two attach flavours of the same handlers: BTF tracepoints (`tp_btf`, preferred: typed args,
+//! folio size known) and classic tracepoints (fallback where BTF programs cannot load). kprobes
+//! and fentry are deliberately not used: hardened kernels (lockdown) refuse them.
+#![no_std]
+#![no_main]
+// atomic_xadd is the one atomic the BPF target lowers (AtomicU64 has no fetch_add there).
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use aya_ebpf::{
+    Global,
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_boot_ns, bpf_probe_read_kernel},
+    macros::{btf_tracepoint, map, tracepoint},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    programs::{BtfTracePointContext, TracePointContext},
+};
+use immp_common::{Counters, ExitEvent, FaultScratch, fault, stats};
+
+/// Default capacity; the loader overrides it (`--max-procs`).
+#[map]
+static COUNTERS: HashMap<u32, Counters> = HashMap::with_max_entries(16384, 0);
+
+#[map]
+static EXITS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+#[map]
+static STATS: Array<u64> = Array::with_max_entries(stats::LEN, 0);
+
+#[map]
+static SCRATCH: PerCpuArray<FaultScratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[unsafe(no_mangle)]
+static FOLIO_NR_PAGES_OFFSET: Global<u32> = Global::new(0);
+
+#[unsafe(no_mangle)]
+static PG_HEAD_BIT: Global<u32> = Global::new(6);
+
+#[inline(always)]
+fn add(slot: *mut u64, n: u64) {
+    // SAFETY: `slot` points into a live map value (from a successful lookup); the verifier
+    // checks the access, and the atomic makes concurrent CPUs safe.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, n) };
+}
+
+#[inline(always)]
+fn stat(slot: u32) {
+    if let Some(p) = STATS.get_ptr_mut(slot) {
+        add(p, 1);
+    }
+}
+
+/// The counters of the current process, created on first use. `None` only when the map is
+/// full, and that is counted in `STATS[MAP_FULL]`.
+#[inline(always)]
+fn counters(tgid: u32) -> Option<*mut Counters> {
+    if let Some(p) = COUNTERS.get_ptr_mut(tgid) {
+        return Some(p);
+    }
+    let fresh = Counters {
+        // SAFETY: helper without preconditions.
+        first_ns: unsafe { bpf_ktime_get_boot_ns() },
+        ..Counters::default()
+    };
+    // NOEXIST: another CPU may have created it meanwhile; then its entry wins.
+    if COUNTERS.insert(tgid, fresh, BPF_NOEXIST as u64).is_ok() {
+        stat(stats::ENTRIES_CREATED);
+    }
+    let p = COUNTERS.get_ptr_mut(tgid);
+    if p.is_none() {
+        stat(stats::MAP_FULL);
+    }
+    p
+}
+
+#[inline(always)]
+fn on_fault(address: u64, error_code: u64) {
+    if address >= fault::USER_ADDR_LIMIT {
+        return;
+    }
+    let id = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((id >> 32) as u32, id as u32);
+    let Some(c) = counters(tgid) else { return };
+    // SAFETY: `c` is a live map value; we only take field addresses.
+    unsafe {
+        if error_code & fault::WRITE != 0 {
+            if error_code & fault::PRESENT != 0 {
+                add(&raw mut (*c).write_protect, 1);
+            } else {
+                add(&raw mut (*c).write_new, 1);
+            }
+            // A write fault on a shared file page dirties that folio inside this fault.
+            if let Some(s) = SCRATCH.get_ptr_mut(0) {
+                (*s).tid = tid;
+                (*s).armed = 1;
+            }
+        } else {
+            add(&raw mut (*c).read, 1);
+        }
+    }
+}
+
+#[inline(always)]
+fn on_dirty(pages: u64) {
+    let id = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((id >> 32) as u32, id as u32);
+    let Some(c) = counters(tgid) else { return };
+    // SAFETY: `c` and `s` are live map values.
+    unsafe {
+        add(&raw mut (*c).pagecache_pages, pages);
+        if let Some(s) = SCRATCH.get_ptr_mut(0)
+            && (*s).armed != 0
+            && (*s).tid == tid
+        {
+            // One fault dirties at most one folio: disarm so a later write() is not matched.
+            (*s).armed = 0;
+            add(&raw mut (*c).pagecache_in_fault, 1);
+        }
+    }
+}
+
+#[inline(always)]
+fn on_exit() {
+    let id = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((id >> 32) as u32, id as u32);
+    if tgid != tid {
+        return; // a thread, not the process
+    }
+    let Some(c) = COUNTERS.get_ptr(tgid) else {
+        return;
+    };
+    match EXITS.reserve::<ExitEvent>(0) {
+        Some(mut entry) => {
+            // SAFETY: `c` is a live map value of the right type.
+            let counters = unsafe { *c };
+            entry.write(ExitEvent {
+                tgid,
+                _pad: 0,
+                counters,
+            });
+            entry.submit(0);
+            stat(stats::EXITS_SENT);
+        }
+        None => stat(stats::EXIT_LOST),
+    }
+    let _ = COUNTERS.remove(tgid);
+}
+
+/// Pages in a folio: 1 unless it is a large folio and we know where its page count lives.
+#[inline(always)]
+fn folio_pages(folio: u64) -> u64 {
+    let off = FOLIO_NR_PAGES_OFFSET.load();
+    if off == 0 || folio == 0 {
+        return 1;
+    }
+    // SAFETY: bpf_probe_read_kernel tolerates any address; it fails cleanly on a bad one.
+    let flags: u64 = match unsafe { bpf_probe_read_kernel(folio as *const u64) } {
+        Ok(f) => f,
+        Err(_) => return 1,
+    };
+    if flags & (1u64 << (PG_HEAD_BIT.load() & 63)) == 0 {
+        return 1;
+    }
+    // SAFETY: as above; the offset comes from the running kernel's BTF.
+    match unsafe { bpf_probe_read_kernel((folio + off as u64) as *const u32) } {
+        Ok(n) if n > 0 && n <= 1 << 18 => n as u64,
+        _ => 1,
+    }
+}
+
+// ---- BTF tracepoints (preferred) ----
+
+/// page_fault_user(unsigned long address, struct pt_regs *regs, unsigned long error_code)
+#[btf_tracepoint(function = "page_fault_user")]
+pub fn fault_user_btf(ctx: BtfTracePointContext) -> i32 {
+    on_fault(ctx.arg::<u64>(0), ctx.arg::<u64>(2));
+    0
+}
+
+/// page_fault_kernel: the kernel touching user memory on a process's behalf (read() into a
+/// fresh buffer, copy_to_user) dirties that process's pages too.
+#[btf_tracepoint(function = "page_fault_kernel")]
+pub fn fault_kernel_btf(ctx: BtfTracePointContext) -> i32 {
+    on_fault(ctx.arg::<u64>(0), ctx.arg::<u64>(2));
+    0
+}
+
+/// writeback_dirty_folio(struct folio *folio, struct address_space *mapping)
+#[btf_tracepoint(function = "writeback_dirty_folio")]
+pub fn dirty_folio_btf(ctx: BtfTracePointContext) -> i32 {
+    on_dirty(folio_pages(ctx.arg::<u64>(0)));
+    0
+}
+
+/// sched_process_exit(struct task_struct *p, ...): runs in the exiting task's context.
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn exit_btf(_ctx: BtfTracePointContext) -> i32 {
+    on_exit();
+    0
+}
+
+// ---- classic tracepoints (fallback) ----
+// Record layout after the 8-byte common header: see events/<category>/<name>/format.
+
+#[tracepoint]
+pub fn fault_user_tp(ctx: TracePointContext) -> u32 {
+    // SAFETY: offsets from events/exceptions/page_fault_user/format (address @8, error_code @24).
+    let (address, code) = unsafe { (ctx.read_at::<u64>(8), ctx.read_at::<u64>(24)) };
+    if let (Ok(a), Ok(c)) = (address, code) {
+        on_fault(a, c);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn fault_kernel_tp(ctx: TracePointContext) -> u32 {
+    // SAFETY: same record layout as page_fault_user.
+    let (address, code) = unsafe { (ctx.read_at::<u64>(8), ctx.read_at::<u64>(24)) };
+    if let (Ok(a), Ok(c)) = (address, code) {
+        on_fault(a, c);
+    }
+    0
+}
+
+/// The classic record carries no folio pointer: each event counts one page (reported).
+#[tracepoint]
+pub fn dirty_folio_tp(_ctx: TracePointContext) -> u32 {
+    on_dirty(1);
+    0
+}
+
+#[tracepoint]
+pub fn exit_tp(_ctx: TracePointContext) -> u32 {
+    on_exit();
+    0
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,119 @@
+//! Which CPU-capping mechanism this machine offers: cgroup v2 `cpu.max`, cgroup v1 CFS quota,
+//! or neither (then only a signal duty cycle is possible).
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum CpuController {
+    /// cgroup2 with the cpu controller enabled at its root.
+    V2 { root: PathBuf },
+    /// cgroup v1 hierarchy with the cpu controller (cpu.cfs_quota_us).
+    V1 { root: PathBuf },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CgroupLayout {
+    pub v2_mount: Option<PathBuf>,
+    pub v2_controllers: Vec<String>,
+    pub v1_cpu_mount: Option<PathBuf>,
+}
+
+impl CgroupLayout {
+    pub fn detect() -> Self {
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        Self::from_mountinfo(&mounts, |p| std::fs::read_to_string(p).ok())
+    }
+
+    /// `read` reads a file (injected so that the parsing is testable without cgroups).
+    pub fn from_mountinfo(mountinfo: &str, read: impl Fn(&Path) -> Option<String>) -> Self {
+        let mut v2_mount = None;
+        let mut v1_cpu_mount = None;
+        for line in mountinfo.lines() {
+            let Some((left, right)) = line.split_once(" - ") else {
+                continue;
+            };
+            let mount_point = left.split_whitespace().nth(4).map(PathBuf::from);
+            let mut r = right.split_whitespace();
+            let fstype = r.next().unwrap_or("");
+            let super_opts = r.nth(1).unwrap_or("");
+            match (fstype, mount_point) {
+                ("cgroup2", Some(mp)) if v2_mount.is_none() => v2_mount = Some(mp),
+                ("cgroup", Some(mp))
+                    if v1_cpu_mount.is_none() && super_opts.split(',').any(|o| o == "cpu") =>
+                {
+                    v1_cpu_mount = Some(mp)
+                }
+                _ => {}
+            }
+        }
+        let v2_controllers = v2_mount
+            .as_ref()
+            .and_then(|m| read(&m.join("cgroup.controllers")))
+            .map(|s| s.split_whitespace().map(String::from).collect())
+            .unwrap_or_default();
+        Self {
+            v2_mount,
+            v2_controllers,
+            v1_cpu_mount,
+        }
+    }
+
+    /// The mechanism immp uses: v2 when its cpu controller is available, else v1.
+    pub fn cpu_controller(&self) -> Option<CpuController> {
+        if let Some(root) = &self.v2_mount
+            && self.v2_controllers.iter().any(|c| c == "cpu")
+        {
+            return Some(CpuController::V2 { root: root.clone() });
+        }
+        self.v1_cpu_mount
+            .clone()
+            .map(|root| CpuController::V1 { root })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+30 23 0:26 / /sys/fs/cgroup rw - tmpfs tmpfs rw,mode=755
+31 30 0:27 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+33 30 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+34 30 0:30 / /sys/fs/cgroup/cpuacct rw,relatime - cgroup cgroup rw,cpuacct
+";
+
+    #[test]
+    fn hybrid_without_v2_cpu_uses_v1() {
+        let l = CgroupLayout::from_mountinfo(HYBRID, |_| Some("memory pids\n".into()));
+        assert_eq!(
+            l.v2_mount.as_deref(),
+            Some(Path::new("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            l.v1_cpu_mount.as_deref(),
+            Some(Path::new("/sys/fs/cgroup/cpu"))
+        );
+        assert_eq!(
+            l.cpu_controller(),
+            Some(CpuController::V1 {
+                root: "/sys/fs/cgroup/cpu".into()
+            })
+        );
+    }
+
+    #[test]
+    fn v2_with_cpu_wins() {
+        let mi = "31 23 0:27 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate\n";
+        let l = CgroupLayout::from_mountinfo(mi, |_| Some("cpuset cpu io memory\n".into()));
+        assert_eq!(
+            l.cpu_controller(),
+            Some(CpuController::V2 {
+                root: "/sys/fs/cgroup".into()
+            })
+        );
+        let none = CgroupLayout::from_mountinfo(mi, |_| Some("memory\n".into()));
+        assert_eq!(none.cpu_controller(), None);
+    }
+}

@@ -1,0 +1,218 @@
+//! The one command tree: `profile`, `doctor` (and later `throttle`, `restore`, `top`).
+use std::{io::Write as _, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+
+use crate::{
+    doctor,
+    output::{Format, Printer},
+    probes::{FlavourChoice, ProbeOptions, Probes},
+    procinfo,
+    rank::{RankSettings, rank},
+    sampler::Sampler,
+    snapshot::ProcId,
+    units, usage,
+};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "immp",
+    version,
+    about = "Find the processes whose memory writes keep a VM from live-migrating, and tame them",
+    long_about = "immp counts, per process, the memory pages each one dirties (eBPF on page faults and \
+page-cache dirtying), ranks them against the migration link, and caps the worst with cgroup CPU \
+limits.\n\nExit codes: 0 ok, 1 failure while running, 2 bad input (nothing changed), 3 this \
+machine cannot do it (not root, no probes, no cpu controller)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Measure dirty rates per process, headless (table, JSON lines or CSV)
+    #[command(after_help = "Examples:\n  \
+  immp profile --duration 10s --bandwidth 100Mbit\n  \
+  immp profile --pid 4242 --interval 500ms --format json | jq .processes[0]\n  \
+  immp profile --top 5 --format csv > rates.csv\n\n\
+Without soft-dirty (mode \"bounds\") the numbers are lower bounds: a process that rewrites pages \
+it already dirtied takes no new fault. JSON is the default when stdout is not a terminal.")]
+    Profile(ProfileArgs),
+    /// Check what this kernel and machine allow, and what immp will do with it
+    #[command(
+        after_help = "Examples:\n  immp doctor\n  immp doctor --format json\n\n\
+Exits non-zero only when immp cannot work at all."
+    )]
+    Doctor(DoctorArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ProbeArgs {
+    /// Which kernel probes to use
+    #[arg(long, value_enum, default_value_t = FlavourChoice::Auto)]
+    pub probes: FlavourChoice,
+    /// Capacity of the kernel's per-process table; overflows are reported, never silent
+    #[arg(long, default_value_t = 16384, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+    pub max_procs: u32,
+}
+
+impl ProbeArgs {
+    pub fn options(&self) -> ProbeOptions {
+        ProbeOptions {
+            flavour: self.probes,
+            max_procs: self.max_procs,
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ProfileArgs {
+    /// Always report this process (repeatable); without --pid every active process is shown
+    #[arg(long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
+    /// Stop after this long (e.g. 30s, 2m); default: until Ctrl-C
+    #[arg(long, value_parser = units::parse_positive_duration)]
+    pub duration: Option<Duration>,
+    /// Sampling interval (e.g. 1s, 500ms)
+    #[arg(long, default_value = "1s", value_parser = units::parse_positive_duration)]
+    pub interval: Duration,
+    /// Migration link bandwidth (e.g. 100Mbit, 1Gbit, 12.5MB/s): enables IMMP verdicts
+    #[arg(long, value_parser = units::parse_bandwidth)]
+    pub bandwidth: Option<f64>,
+    /// A process dirtying at least this share of the link is an IMMP
+    #[arg(long, default_value = "25%", value_parser = parse_share)]
+    pub immp_share: f64,
+    /// Show at most N processes per interval
+    #[arg(long, default_value_t = 20)]
+    pub top: usize,
+    /// Output format (default: table on a terminal, json otherwise)
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DoctorArgs {
+    /// Output format (table or json)
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
+}
+
+fn parse_share(s: &str) -> Result<f64, String> {
+    let p = units::parse_percent(s).map_err(|e| e.to_string())?;
+    if p <= 0.0 || p > 1000.0 {
+        return Err(format!("'{s}' must be above 0% and at most 1000%"));
+    }
+    Ok(p / 100.0)
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Profile(a) => profile(a),
+        Command::Doctor(a) => doctor_cmd(a),
+    }
+}
+
+/// Resolve `--pid` arguments to process identities; unknown PIDs are bad input.
+pub fn resolve_pids(pids: &[u32]) -> anyhow::Result<Vec<ProcId>> {
+    pids.iter()
+        .map(|&pid| {
+            procinfo::stat(pid)
+                .map(|s| s.id)
+                .ok_or_else(|| usage(format!("no process with PID {pid}")))
+        })
+        .collect()
+}
+
+/// Runs `f` on every tick until the duration ends, or Ctrl-C / SIGTERM; `f` returns false to stop.
+pub fn tick_loop(
+    interval: Duration,
+    duration: Option<Duration>,
+    mut f: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let start = tokio::time::Instant::now();
+        let mut tick = tokio::time::interval_at(start + interval, interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if !f()? { return Ok(()); }
+                    if duration.is_some_and(|d| start.elapsed() + interval / 2 >= d) { return Ok(()); }
+                }
+                _ = term.recv() => return Ok(()),
+                _ = int.recv() => return Ok(()),
+            }
+        }
+    })
+}
+
+fn profile(a: ProfileArgs) -> anyhow::Result<i32> {
+    crate::require_root()?;
+    let watch = resolve_pids(&a.pids)?;
+    let probes = Probes::load(&a.probe.options())
+        .map_err(|e| crate::environment(format!("cannot attach kernel probes: {e:#}")))?;
+    let format = Format::resolve(a.format);
+    if format == Format::Table {
+        eprintln!(
+            "immp: profiling with {:?} probes every {}{}; Ctrl-C to stop",
+            probes.report.flavour,
+            units::fmt_duration(a.interval),
+            a.duration
+                .map(|d| format!(" for {}", units::fmt_duration(d)))
+                .unwrap_or_default()
+        );
+    }
+    let mut sampler = Sampler::new(probes, watch.clone());
+    let settings = RankSettings {
+        bandwidth: a.bandwidth,
+        immp_share: a.immp_share,
+    };
+    let mut printer = Printer::new(std::io::stdout().lock(), format, a.top.max(1));
+    let res = tick_loop(a.interval, a.duration, || {
+        let snap = sampler.sample();
+        let ranking = rank(&snap, &settings);
+        if let Err(e) = printer.interval(&snap, &ranking, a.bandwidth) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                return Ok(false); // reader went away (e.g. `| head`): a normal end
+            }
+            return Err(e).context("writing output");
+        }
+        // Every watched process is gone: nothing left to watch.
+        let all_gone = !watch.is_empty()
+            && snap
+                .processes
+                .iter()
+                .filter(|p| watch.contains(&p.id()))
+                .all(|p| p.gone);
+        Ok(!all_gone)
+    });
+    res.map(|_| crate::exit::OK)
+}
+
+fn doctor_cmd(a: DoctorArgs) -> anyhow::Result<i32> {
+    let r = doctor::run();
+    let mut out = std::io::stdout().lock();
+    match Format::resolve(a.format) {
+        Format::Json => {
+            serde_json::to_writer(&mut out, &r)?;
+            writeln!(out)?;
+        }
+        Format::Table => doctor::print_table(&r, &mut out)?,
+        Format::Csv => return Err(usage("doctor supports --format table or json")),
+    }
+    Ok(if r.usable {
+        crate::exit::OK
+    } else {
+        crate::exit::ENVIRONMENT
+    })
+}

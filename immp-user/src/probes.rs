@@ -1,0 +1,294 @@
+//! Loads immp's eBPF object, attaches its programs (BTF tracepoints, or classic tracepoints as a
+//! fallback), and gives typed access to the maps. Dropping `Probes` detaches everything; if the
+//! process is killed, the kernel detaches them when the file descriptors close.
+use std::{collections::BTreeMap, path::Path};
+
+use anyhow::{Context as _, anyhow, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, MapData, RingBuf},
+    programs::{BtfTracePoint, TracePoint},
+};
+use immp_common::{Counters, ExitEvent, globals, maps, stats};
+use serde::Serialize;
+
+use crate::btfinfo::{self, FolioLayout};
+
+/// The eBPF object, built by build.rs and embedded so that `immp` is one file.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("IMMP_EBPF_OBJECT"));
+
+/// The hooks, each with its BTF program, classic tracepoint and whether it is required.
+const HOOKS: &[Hook] = &[
+    Hook {
+        btf_prog: "fault_user_btf",
+        tp_prog: "fault_user_tp",
+        category: "exceptions",
+        name: "page_fault_user",
+        required: true,
+    },
+    Hook {
+        btf_prog: "fault_kernel_btf",
+        tp_prog: "fault_kernel_tp",
+        category: "exceptions",
+        name: "page_fault_kernel",
+        required: false,
+    },
+    Hook {
+        btf_prog: "dirty_folio_btf",
+        tp_prog: "dirty_folio_tp",
+        category: "writeback",
+        name: "writeback_dirty_folio",
+        required: true,
+    },
+    Hook {
+        btf_prog: "exit_btf",
+        tp_prog: "exit_tp",
+        category: "sched",
+        name: "sched_process_exit",
+        required: true,
+    },
+];
+
+struct Hook {
+    btf_prog: &'static str,
+    tp_prog: &'static str,
+    category: &'static str,
+    name: &'static str,
+    required: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Flavour {
+    /// BTF tracepoints (tp_btf): typed arguments, folio sizes known.
+    Btf,
+    /// Classic tracepoints (perf events on tracefs): no folio size, each dirtied folio = 1 page.
+    Tracepoint,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum FlavourChoice {
+    /// BTF tracepoints where they load, classic tracepoints otherwise.
+    #[default]
+    Auto,
+    Btf,
+    Tracepoint,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProbeOptions {
+    pub flavour: FlavourChoice,
+    /// Capacity of the per-process map; a process that cannot get an entry is counted.
+    pub max_procs: u32,
+}
+
+impl Default for ProbeOptions {
+    fn default() -> Self {
+        Self {
+            flavour: FlavourChoice::Auto,
+            max_procs: 16384,
+        }
+    }
+}
+
+/// What got attached, for reports (`doctor`, snapshots).
+#[derive(Debug, Clone, Serialize)]
+pub struct ProbeReport {
+    pub flavour: Flavour,
+    /// Hook name -> attached or why not.
+    pub hooks: BTreeMap<String, Result<(), String>>,
+    /// Whether large folios are counted by their page count (BTF flavour with known layout).
+    pub folio_pages_known: bool,
+    /// Why the BTF flavour was not used, when it was not.
+    pub fallback_reason: Option<String>,
+    pub max_procs: u32,
+    pub tracefs_mounted_by_immp: bool,
+}
+
+pub struct Probes {
+    // Kept alive: dropping it detaches the programs.
+    _ebpf: Ebpf,
+    counters: HashMap<MapData, u32, Counters>,
+    exits: RingBuf<MapData>,
+    stats: Array<MapData, u64>,
+    pub report: ProbeReport,
+}
+
+/// Health counters from the kernel side; all totals since load.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct KernelStats {
+    pub map_full: u64,
+    pub exit_lost: u64,
+    pub exits_sent: u64,
+    pub entries_created: u64,
+}
+
+impl Probes {
+    pub fn load(opts: &ProbeOptions) -> anyhow::Result<Self> {
+        match opts.flavour {
+            FlavourChoice::Btf => Self::load_btf(opts),
+            FlavourChoice::Tracepoint => Self::load_tracepoints(opts, None),
+            FlavourChoice::Auto => match Self::load_btf(opts) {
+                Ok(p) => Ok(p),
+                Err(e) => Self::load_tracepoints(opts, Some(format!("{e:#}")))
+                    .with_context(|| format!("BTF tracepoints failed too ({e:#})")),
+            },
+        }
+    }
+
+    fn loader(opts: &ProbeOptions, folio: Option<FolioLayout>) -> anyhow::Result<Ebpf> {
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(maps::COUNTERS, opts.max_procs.max(1));
+        let (off, bit) = folio.map_or((0u32, 0u32), |f| (f.nr_pages_offset, f.pg_head_bit));
+        loader.override_global(globals::FOLIO_NR_PAGES_OFFSET, &off, true);
+        loader.override_global(globals::PG_HEAD_BIT, &bit, true);
+        loader
+            .load(OBJECT)
+            .map_err(|e| anyhow!("loading the eBPF object failed: {e}"))
+    }
+
+    fn load_btf(opts: &ProbeOptions) -> anyhow::Result<Self> {
+        let kbtf = btfinfo::load_vmlinux()?;
+        let folio = btfinfo::folio_layout(&kbtf);
+        let btf = aya::Btf::from_sys_fs().context("reading kernel BTF for aya")?;
+        let mut ebpf = Self::loader(opts, folio)?;
+        let mut hooks = BTreeMap::new();
+        for h in HOOKS {
+            if !btfinfo::has_tracepoint(&kbtf, h.name) {
+                if h.required {
+                    bail!("kernel has no BTF tracepoint {}", h.name);
+                }
+                hooks.insert(h.name.to_string(), Err("not in this kernel".into()));
+                continue;
+            }
+            let res = (|| -> anyhow::Result<()> {
+                let prog: &mut BtfTracePoint = ebpf
+                    .program_mut(h.btf_prog)
+                    .ok_or_else(|| anyhow!("program {} missing from object", h.btf_prog))?
+                    .try_into()?;
+                prog.load(h.name, &btf)
+                    .with_context(|| format!("loading tp_btf/{}", h.name))?;
+                prog.attach()
+                    .with_context(|| format!("attaching tp_btf/{}", h.name))?;
+                Ok(())
+            })();
+            match res {
+                Err(e) if h.required => return Err(e),
+                r => {
+                    hooks.insert(h.name.to_string(), r.map_err(|e| format!("{e:#}")));
+                }
+            }
+        }
+        let report = ProbeReport {
+            flavour: Flavour::Btf,
+            hooks,
+            folio_pages_known: folio.is_some(),
+            fallback_reason: None,
+            max_procs: opts.max_procs,
+            tracefs_mounted_by_immp: false,
+        };
+        Self::finish(ebpf, report)
+    }
+
+    fn load_tracepoints(opts: &ProbeOptions, why: Option<String>) -> anyhow::Result<Self> {
+        let mounted = ensure_tracefs()?;
+        let mut ebpf = Self::loader(opts, None)?;
+        let mut hooks = BTreeMap::new();
+        for h in HOOKS {
+            let res = (|| -> anyhow::Result<()> {
+                let prog: &mut TracePoint = ebpf
+                    .program_mut(h.tp_prog)
+                    .ok_or_else(|| anyhow!("program {} missing from object", h.tp_prog))?
+                    .try_into()?;
+                prog.load()
+                    .with_context(|| format!("loading tracepoint {}", h.name))?;
+                prog.attach(h.category, h.name)
+                    .with_context(|| format!("attaching tracepoint {}/{}", h.category, h.name))?;
+                Ok(())
+            })();
+            match res {
+                Err(e) if h.required => return Err(e),
+                r => {
+                    hooks.insert(h.name.to_string(), r.map_err(|e| format!("{e:#}")));
+                }
+            }
+        }
+        let report = ProbeReport {
+            flavour: Flavour::Tracepoint,
+            hooks,
+            folio_pages_known: false,
+            fallback_reason: why,
+            max_procs: opts.max_procs,
+            tracefs_mounted_by_immp: mounted,
+        };
+        Self::finish(ebpf, report)
+    }
+
+    fn finish(mut ebpf: Ebpf, report: ProbeReport) -> anyhow::Result<Self> {
+        let take = |ebpf: &mut Ebpf, name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| anyhow!("map {name} missing from object"))
+        };
+        let counters = HashMap::try_from(take(&mut ebpf, maps::COUNTERS)?)?;
+        let exits = RingBuf::try_from(take(&mut ebpf, maps::EXITS)?)?;
+        let stats = Array::try_from(take(&mut ebpf, maps::STATS)?)?;
+        Ok(Self {
+            _ebpf: ebpf,
+            counters,
+            exits,
+            stats,
+            report,
+        })
+    }
+
+    /// All live entries. Entries deleted while we iterate are skipped, not errors.
+    pub fn read_counters(&self) -> Vec<(u32, Counters)> {
+        self.counters.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Exit events queued since the last call.
+    pub fn drain_exits(&mut self) -> Vec<ExitEvent> {
+        let mut out = Vec::new();
+        while let Some(item) = self.exits.next() {
+            if item.len() >= size_of::<ExitEvent>() {
+                // SAFETY: the kernel wrote an ExitEvent (repr(C), any bit pattern valid); the
+                // ring buffer gives no alignment promise, hence read_unaligned.
+                out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<ExitEvent>()) });
+            }
+        }
+        out
+    }
+
+    pub fn kernel_stats(&self) -> KernelStats {
+        let get = |i: u32| self.stats.get(&i, 0).unwrap_or(0);
+        KernelStats {
+            map_full: get(stats::MAP_FULL),
+            exit_lost: get(stats::EXIT_LOST),
+            exits_sent: get(stats::EXITS_SENT),
+            entries_created: get(stats::ENTRIES_CREATED),
+        }
+    }
+}
+
+const TRACEFS: &str = "/sys/kernel/tracing";
+
+/// Classic tracepoints need tracefs; mount it if it is not there (harmless, and what perf and
+/// bpftrace need too). Returns whether immp mounted it.
+pub fn ensure_tracefs() -> anyhow::Result<bool> {
+    if tracefs_mounted() {
+        return Ok(false);
+    }
+    let _ = std::fs::create_dir_all(TRACEFS);
+    let ok = std::process::Command::new("mount")
+        .args(["-t", "tracefs", "tracefs", TRACEFS])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok || !tracefs_mounted() {
+        bail!("tracefs is not mounted and could not be mounted at {TRACEFS}");
+    }
+    Ok(true)
+}
+
+pub fn tracefs_mounted() -> bool {
+    Path::new(TRACEFS).join("events").is_dir()
+}

@@ -1,0 +1,118 @@
+//! What /proc says about a process: identity, name, CPU time, memory, cgroup.
+use procfs::process::Process;
+
+use crate::snapshot::ProcId;
+
+/// `PF_KTHREAD` in /proc/PID/stat flags: kernel threads have no user memory to tame.
+const PF_KTHREAD: u32 = 0x0020_0000;
+
+#[derive(Debug, Clone)]
+pub struct ProcStat {
+    pub id: ProcId,
+    pub comm: String,
+    /// utime + stime, clock ticks.
+    pub cpu_ticks: u64,
+    pub rss_bytes: u64,
+    pub kernel_thread: bool,
+    pub ppid: i32,
+}
+
+pub fn ticks_per_second() -> u64 {
+    procfs::ticks_per_second()
+}
+
+pub fn page_size() -> u64 {
+    procfs::page_size()
+}
+
+/// `None` when the process does not exist (or is gone by the time we look).
+pub fn stat(pid: u32) -> Option<ProcStat> {
+    let p = Process::new(pid as i32).ok()?;
+    let s = p.stat().ok()?;
+    Some(ProcStat {
+        id: ProcId {
+            pid,
+            start_time: s.starttime,
+        },
+        comm: s.comm.clone(),
+        cpu_ticks: s.utime + s.stime,
+        rss_bytes: s.rss * page_size(),
+        kernel_thread: s.flags & PF_KTHREAD != 0,
+        ppid: s.ppid,
+    })
+}
+
+/// The command line, arguments joined by spaces; empty for kernel threads and zombies.
+pub fn cmdline(pid: u32) -> String {
+    Process::new(pid as i32)
+        .and_then(|p| p.cmdline())
+        .map(|v| v.join(" "))
+        .unwrap_or_default()
+}
+
+/// The cgroup that governs the process's CPU: the v1 hierarchy with the `cpu` controller if
+/// there is one, else the unified (v2) path.
+pub fn cpu_cgroup(pid: u32) -> String {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+        return String::new();
+    };
+    parse_cpu_cgroup(&text)
+}
+
+pub fn parse_cpu_cgroup(text: &str) -> String {
+    let mut unified = None;
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(ctrls), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        if ctrls.split(',').any(|c| c == "cpu") {
+            return path.to_string();
+        }
+        if ctrls.is_empty() {
+            unified = Some(path.to_string());
+        }
+    }
+    unified.unwrap_or_default()
+}
+
+/// Seconds since boot (for process ages).
+pub fn uptime_ticks() -> u64 {
+    let secs = std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .unwrap_or(0.0);
+    (secs * ticks_per_second() as f64) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cgroup_hybrid_prefers_cpu_hierarchy() {
+        let t = "12:cpu:/immp/42\n11:memory:/\n0::/user.slice\n";
+        assert_eq!(parse_cpu_cgroup(t), "/immp/42");
+        assert_eq!(
+            parse_cpu_cgroup("0::/system.slice/x.service\n"),
+            "/system.slice/x.service"
+        );
+        assert_eq!(parse_cpu_cgroup("3:cpu,cpuacct:/a\n"), "/a");
+        assert_eq!(parse_cpu_cgroup(""), "");
+    }
+
+    #[test]
+    fn self_stat() {
+        let me = stat(std::process::id()).expect("own stat");
+        assert!(!me.kernel_thread);
+        assert!(me.id.start_time > 0);
+        // kthreadd is pid 2 on Linux.
+        if let Some(k) = stat(2) {
+            assert!(k.kernel_thread);
+        }
+    }
+}

@@ -1,0 +1,308 @@
+//! Every interval: read the kernel counters, diff them against the previous read, join /proc,
+//! and emit one immutable `Snapshot`. The sampler changes nothing in the system.
+use std::{
+    collections::{HashMap, HashSet},
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use immp_common::Counters;
+
+use crate::{
+    probes::{KernelStats, Probes},
+    procinfo,
+    snapshot::{Health, Mode, ProcId, ProcSample, Rates, Snapshot, Totals},
+};
+
+struct Prev {
+    counters: Counters,
+    /// Identity seen in /proc for this incarnation (filled once we looked).
+    id: Option<ProcId>,
+}
+
+struct Names {
+    comm: String,
+    cmdline: String,
+}
+
+pub struct Sampler {
+    probes: Probes,
+    prev: HashMap<u32, Prev>,
+    names: HashMap<ProcId, Names>,
+    cpu_prev: HashMap<ProcId, u64>,
+    /// Processes asked for by pid: always reported, and reported as gone once they are.
+    watch: Vec<ProcId>,
+    last: Instant,
+    last_stats: KernelStats,
+    seq: u64,
+    page_size: u64,
+    tps: f64,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Delta {
+    c: Counters,
+}
+
+impl Delta {
+    fn between(now: &Counters, before: Option<&Counters>) -> Self {
+        let Some(b) = before.filter(|b| b.first_ns == now.first_ns) else {
+            return Delta { c: *now };
+        };
+        Delta {
+            c: Counters {
+                write_new: now.write_new.saturating_sub(b.write_new),
+                write_protect: now.write_protect.saturating_sub(b.write_protect),
+                read: now.read.saturating_sub(b.read),
+                pagecache_pages: now.pagecache_pages.saturating_sub(b.pagecache_pages),
+                pagecache_in_fault: now.pagecache_in_fault.saturating_sub(b.pagecache_in_fault),
+                first_ns: now.first_ns,
+            },
+        }
+    }
+
+    fn add(&mut self, o: &Delta) {
+        self.c.write_new += o.c.write_new;
+        self.c.write_protect += o.c.write_protect;
+        self.c.read += o.c.read;
+        self.c.pagecache_pages += o.c.pagecache_pages;
+        self.c.pagecache_in_fault += o.c.pagecache_in_fault;
+    }
+
+    fn is_zero(&self) -> bool {
+        let c = &self.c;
+        c.write_new + c.write_protect + c.read + c.pagecache_pages == 0
+    }
+}
+
+impl Sampler {
+    /// `watch`: processes to report even when idle (already validated by the caller).
+    pub fn new(probes: Probes, watch: Vec<ProcId>) -> Self {
+        let mut s = Self {
+            probes,
+            prev: HashMap::new(),
+            names: HashMap::new(),
+            cpu_prev: HashMap::new(),
+            watch,
+            last: Instant::now(),
+            last_stats: KernelStats::default(),
+            seq: 0,
+            page_size: procinfo::page_size(),
+            tps: procinfo::ticks_per_second() as f64,
+        };
+        // Baseline: activity before start does not count in the first interval.
+        for (pid, c) in s.probes.read_counters() {
+            s.prev.insert(
+                pid,
+                Prev {
+                    counters: c,
+                    id: None,
+                },
+            );
+        }
+        s.probes.drain_exits();
+        s.last_stats = s.probes.kernel_stats();
+        s.last = Instant::now();
+        s
+    }
+
+    pub fn probes(&self) -> &Probes {
+        &self.probes
+    }
+
+    pub fn sample(&mut self) -> Snapshot {
+        let now = Instant::now();
+        let dt = now.duration_since(self.last).as_secs_f64().max(1e-6);
+        self.last = now;
+        self.seq += 1;
+
+        let mut deltas: HashMap<u32, (Delta, bool)> = HashMap::new();
+        let mut gone_ids: HashMap<u32, ProcId> = HashMap::new();
+        let mut unseen_exit = Delta::default();
+
+        // Exits first: their final counts close the previous incarnation of that pid.
+        for ev in self.probes.drain_exits() {
+            let prev = self.prev.remove(&ev.tgid);
+            let d = Delta::between(&ev.counters, prev.as_ref().map(|p| &p.counters));
+            match prev.and_then(|p| p.id) {
+                Some(id) => {
+                    gone_ids.insert(ev.tgid, id);
+                    deltas.entry(ev.tgid).or_default().0.add(&d);
+                    deltas.entry(ev.tgid).or_default().1 = true;
+                }
+                None => unseen_exit.add(&d),
+            }
+        }
+
+        let live = self.probes.read_counters();
+        let mut present = HashSet::with_capacity(live.len());
+        for (pid, c) in &live {
+            present.insert(*pid);
+            let prev = self.prev.get(pid);
+            let d = Delta::between(c, prev.map(|p| &p.counters));
+            let id = prev
+                .filter(|p| p.counters.first_ns == c.first_ns)
+                .and_then(|p| p.id);
+            self.prev.insert(*pid, Prev { counters: *c, id });
+            if !d.is_zero() {
+                deltas.entry(*pid).or_default().0.add(&d);
+            }
+        }
+        // Entries that vanished without an exit event we saw (lost or raced): forget them.
+        self.prev.retain(|pid, _| present.contains(pid));
+
+        let mut processes = Vec::with_capacity(deltas.len() + self.watch.len());
+        let mut seen_ids = HashSet::new();
+        let mut totals = Totals::default();
+        for (pid, (d, exited)) in deltas {
+            let sample = if exited && !present.contains(&pid) {
+                let id = gone_ids[&pid];
+                self.gone_sample(id, &d, dt)
+            } else {
+                match procinfo::stat(pid) {
+                    Some(st) => {
+                        if let Some(p) = self.prev.get_mut(&pid) {
+                            p.id = Some(st.id);
+                        }
+                        self.live_sample(&st, &d, dt)
+                    }
+                    // Exited after we read the map: its exit event comes next interval; count
+                    // this part now, as gone.
+                    None => match gone_ids
+                        .get(&pid)
+                        .copied()
+                        .or(self.prev.get(&pid).and_then(|p| p.id))
+                    {
+                        Some(id) => self.gone_sample(id, &d, dt),
+                        None => {
+                            unseen_exit.add(&d);
+                            continue;
+                        }
+                    },
+                }
+            };
+            seen_ids.insert(sample.id());
+            processes.push(sample);
+        }
+        // Processes that came and went between two samples: no name, but their pages count.
+        totals.short_lived_dirty_pages_per_s = unseen_exit.c.dirty_pages() as f64 / dt;
+        totals.dirty_pages_per_s += totals.short_lived_dirty_pages_per_s;
+        // Watched processes are always reported.
+        for id in self.watch.clone() {
+            if seen_ids.contains(&id) {
+                continue;
+            }
+            let sample = match procinfo::stat(id.pid).filter(|s| s.id == id) {
+                Some(st) => self.live_sample(&st, &Delta::default(), dt),
+                None => self.gone_sample(id, &Delta::default(), dt),
+            };
+            processes.push(sample);
+        }
+        // Forget CPU baselines and names of processes no longer around.
+        let current: HashSet<ProcId> = processes
+            .iter()
+            .filter(|p| !p.gone)
+            .map(|p| p.id())
+            .collect();
+        self.cpu_prev.retain(|id, _| current.contains(id));
+        self.names
+            .retain(|id, _| current.contains(id) || self.watch.contains(id));
+
+        for p in &processes {
+            totals.dirty_pages_per_s += p.rates.dirty;
+            if p.rates.dirty + p.rates.read > 0.0 {
+                totals.active_processes += 1;
+            }
+        }
+        totals.dirty_bytes_per_s = totals.dirty_pages_per_s * self.page_size as f64;
+
+        let ks = self.probes.kernel_stats();
+        let health = Health {
+            tracked: live.len(),
+            capacity: self.probes.report.max_procs,
+            map_full: ks.map_full - self.last_stats.map_full,
+            exit_lost: ks.exit_lost - self.last_stats.exit_lost,
+            kernel: ks,
+        };
+        self.last_stats = ks;
+
+        Snapshot {
+            seq: self.seq,
+            time_unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            interval_s: dt,
+            mode: Mode::Bounds,
+            probes: self.probes.report.flavour,
+            folio_pages_known: self.probes.report.folio_pages_known,
+            page_size: self.page_size,
+            health,
+            totals,
+            processes,
+        }
+    }
+
+    fn rates(&self, d: &Delta, dt: f64) -> (Rates, f64) {
+        let c = &d.c;
+        let r = Rates {
+            write_new: c.write_new as f64 / dt,
+            write_protect: c.write_protect as f64 / dt,
+            read: c.read as f64 / dt,
+            pagecache: c.pagecache_pages as f64 / dt,
+            dirty: c.dirty_pages() as f64 / dt,
+        };
+        (r, r.dirty * self.page_size as f64)
+    }
+
+    fn live_sample(&mut self, st: &procinfo::ProcStat, d: &Delta, dt: f64) -> ProcSample {
+        let id = st.id;
+        let names = self.names.entry(id).or_insert_with(|| Names {
+            comm: st.comm.clone(),
+            cmdline: procinfo::cmdline(id.pid),
+        });
+        let (comm, cmdline) = (names.comm.clone(), names.cmdline.clone());
+        // CPU share over the interval; a process first seen now is averaged over its life
+        // or the interval, whichever is shorter.
+        let cpu_pct = match self.cpu_prev.insert(id, st.cpu_ticks) {
+            Some(before) => st.cpu_ticks.saturating_sub(before) as f64 / self.tps / dt * 100.0,
+            None => {
+                let age = procinfo::uptime_ticks().saturating_sub(id.start_time) as f64 / self.tps;
+                st.cpu_ticks as f64 / self.tps / age.clamp(0.01, dt.max(0.01)) * 100.0
+            }
+        };
+        let (rates, bps) = self.rates(d, dt);
+        ProcSample {
+            pid: id.pid,
+            start_time: id.start_time,
+            comm,
+            cmdline,
+            rates,
+            dirty_bytes_per_s: bps,
+            cpu_pct,
+            rss_bytes: st.rss_bytes,
+            cgroup: procinfo::cpu_cgroup(id.pid),
+            gone: false,
+        }
+    }
+
+    fn gone_sample(&mut self, id: ProcId, d: &Delta, dt: f64) -> ProcSample {
+        let (comm, cmdline) = self
+            .names
+            .get(&id)
+            .map(|n| (n.comm.clone(), n.cmdline.clone()))
+            .unwrap_or_default();
+        let (rates, bps) = self.rates(d, dt);
+        ProcSample {
+            pid: id.pid,
+            start_time: id.start_time,
+            comm,
+            cmdline,
+            rates,
+            dirty_bytes_per_s: bps,
+            cpu_pct: 0.0,
+            rss_bytes: 0,
+            cgroup: String::new(),
+            gone: true,
+        }
+    }
+}

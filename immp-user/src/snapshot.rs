@@ -1,0 +1,113 @@
+//! The immutable value that collection hands to everything else (rank, views, policy).
+//! Nothing in here touches the system.
+use serde::Serialize;
+
+use crate::probes::{Flavour, KernelStats};
+
+/// How the dirty numbers were obtained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Fault and page-cache events only: a lower bound of pages dirtied, since a process that
+    /// rewrites pages it already dirtied takes no new fault.
+    Bounds,
+    /// Soft-dirty windows: exact distinct pages dirtied per window (later issue).
+    Exact,
+}
+
+impl Mode {
+    pub fn explain(self) -> &'static str {
+        match self {
+            Mode::Bounds => {
+                "lower bound: counts write faults and page-cache pages dirtied; rewrites of pages \
+                 already dirty are invisible without soft-dirty"
+            }
+            Mode::Exact => "exact: distinct pages dirtied per soft-dirty window",
+        }
+    }
+}
+
+/// A process is (pid, start time): pids are reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct ProcId {
+    pub pid: u32,
+    /// Start time in clock ticks since boot (field 22 of /proc/PID/stat).
+    pub start_time: u64,
+}
+
+/// Per-second rates over the interval, in pages per second (base pages).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Rates {
+    pub write_new: f64,
+    pub write_protect: f64,
+    pub read: f64,
+    pub pagecache: f64,
+    /// Pages dirtied per second (write faults + page-cache pages, overlap removed).
+    pub dirty: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ProcSample {
+    pub pid: u32,
+    pub start_time: u64,
+    pub comm: String,
+    pub cmdline: String,
+    pub rates: Rates,
+    pub dirty_bytes_per_s: f64,
+    /// Share of one CPU over the interval, in percent (can exceed 100 for threaded processes).
+    pub cpu_pct: f64,
+    pub rss_bytes: u64,
+    /// The cgroup that governs this process's CPU (v2 path, or the v1 cpu hierarchy's path).
+    pub cgroup: String,
+    /// Exited during the interval (its last counts are included) or before (asked for by pid).
+    pub gone: bool,
+}
+
+impl ProcSample {
+    pub fn id(&self) -> ProcId {
+        ProcId {
+            pid: self.pid,
+            start_time: self.start_time,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Totals {
+    pub dirty_bytes_per_s: f64,
+    pub dirty_pages_per_s: f64,
+    /// Part of the total from processes that started and exited between two samples.
+    pub short_lived_dirty_pages_per_s: f64,
+    /// Processes with any fault or dirtying activity in the interval.
+    pub active_processes: usize,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Health {
+    /// Entries the kernel map holds now, and its capacity.
+    pub tracked: usize,
+    pub capacity: u32,
+    /// New processes not counted because the map was full (this interval).
+    pub map_full: u64,
+    /// Exits whose final counts were lost (ring buffer full, this interval).
+    pub exit_lost: u64,
+    pub kernel: KernelStats,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Snapshot {
+    pub seq: u64,
+    /// Wall-clock end of the interval, ms since the Unix epoch.
+    pub time_unix_ms: u64,
+    pub interval_s: f64,
+    pub mode: Mode,
+    pub probes: Flavour,
+    /// Whether large folios count all their pages (else each dirtied folio counts one page).
+    pub folio_pages_known: bool,
+    pub page_size: u64,
+    pub health: Health,
+    pub totals: Totals,
+    /// Every process with activity in the interval, plus every one asked for; unsorted
+    /// (ranking is `rank`'s job).
+    pub processes: Vec<ProcSample>,
+}
