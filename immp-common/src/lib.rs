@@ -46,6 +46,9 @@ pub struct ExitEvent {
     pub tgid: u32,
     pub _pad: u32,
     pub counters: Counters,
+    /// The task's name (`comm`), so that a process born and gone between two samples can
+    /// still be named.
+    pub comm: [u8; 16],
 }
 
 /// Scratch per CPU: which thread is inside a write fault right now (see `pagecache_in_fault`).

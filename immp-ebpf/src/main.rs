@@ -15,7 +15,7 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::{
     Global,
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_boot_ns, bpf_probe_read_kernel},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_boot_ns, bpf_probe_read_kernel},
     macros::{btf_tracepoint, map, tracepoint},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{BtfTracePointContext, TracePointContext},
@@ -142,6 +142,7 @@ fn on_exit() {
                 tgid,
                 _pad: 0,
                 counters,
+                comm: bpf_get_current_comm().unwrap_or([0; 16]),
             });
             entry.submit(0);
             stat(stats::EXITS_SENT);

@@ -13,6 +13,11 @@ use crate::{
     snapshot::{Health, Mode, ProcId, ProcSample, Rates, Snapshot, Totals},
 };
 
+/// A process that lived less than one interval gets its own row when it dirtied at least
+/// this many pages (else it only adds to `short_lived_dirty_pages_per_s`): a storm of tiny
+/// processes must not flood the output.
+const SHORT_LIVED_ROW_PAGES: u64 = 64;
+
 struct Prev {
     counters: Counters,
     /// Identity seen in /proc for this incarnation (filled once we looked).
@@ -118,6 +123,7 @@ impl Sampler {
         let mut deltas: HashMap<u32, (Delta, bool)> = HashMap::new();
         let mut gone_ids: HashMap<u32, ProcId> = HashMap::new();
         let mut unseen_exit = Delta::default();
+        let mut short_lived = Vec::new();
 
         // Exits first: their final counts close the previous incarnation of that pid.
         for ev in self.probes.drain_exits() {
@@ -128,6 +134,26 @@ impl Sampler {
                     gone_ids.insert(ev.tgid, id);
                     deltas.entry(ev.tgid).or_default().0.add(&d);
                     deltas.entry(ev.tgid).or_default().1 = true;
+                }
+                // Born and gone between two samples: named from the exit event when it
+                // dirtied enough to matter, else only counted in the totals.
+                None if d.c.dirty_pages() >= SHORT_LIVED_ROW_PAGES => {
+                    let ticks = (ev.counters.first_ns as f64 / 1e9 * self.tps) as u64;
+                    let id = ProcId {
+                        pid: ev.tgid,
+                        start_time: ticks,
+                    };
+                    let comm = String::from_utf8_lossy(&ev.comm)
+                        .trim_end_matches('\0')
+                        .to_string();
+                    self.names.insert(
+                        id,
+                        Names {
+                            comm,
+                            cmdline: String::new(),
+                        },
+                    );
+                    short_lived.push(self.gone_sample(id, &d, dt));
                 }
                 None => unseen_exit.add(&d),
             }
@@ -150,7 +176,7 @@ impl Sampler {
         // Entries that vanished without an exit event we saw (lost or raced): forget them.
         self.prev.retain(|pid, _| present.contains(pid));
 
-        let mut processes = Vec::with_capacity(deltas.len() + self.watch.len());
+        let mut processes = short_lived;
         let mut seen_ids = HashSet::new();
         let mut totals = Totals::default();
         for (pid, (d, exited)) in deltas {

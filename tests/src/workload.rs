@@ -1,1 +1,226 @@
-fn main() {}
+//! Child processes with known memory behaviour, for immp's tests and benchmarks.
+//!
+//! Protocol for the one-shot modes: set up (no page touched yet), print `ready`, wait for a
+//! line on stdin, do the work, print `done` (and extra facts such as `child PID`), then wait
+//! for stdin to close before exiting. The caller thus brackets exactly the work.
+//!
+//! Usage: immp-workload MODE [ARGS]
+//!   first-touch N        write one byte to each of N fresh anonymous pages
+//!   read-scan N          read each of N fresh anonymous pages (zero page: no dirtying)
+//!   file-write N PATH [CHUNK]  write() N pages to PATH in CHUNK-page writes (page cache, no faults)
+//!   shared-map N PATH    write one byte to each of N pages of a MAP_SHARED file mapping
+//!   cow N                touch N pages, fork; the child rewrites all N (copy-on-write) and exits
+//!   storm N              fork N children that each touch 4 pages and exit at once
+//!   writer PAGES         forever: touch PAGES fresh pages, unmap, repeat (CPU-bound dirtier)
+//!   rewrite PAGES        forever: rewrite the same PAGES pages (no faults after the first pass)
+//!   burn                 forever: spin on the CPU, no memory writes
+//!   idle                 forever: touch one fresh page per second
+use std::{
+    io::{BufRead, Write},
+    ptr,
+};
+
+fn page() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
+}
+
+fn map_anon(pages: usize) -> *mut u8 {
+    // SAFETY: anonymous private mapping; callers stay within `pages * page()` bytes.
+    let p = unsafe {
+        libc::mmap(
+            ptr::null_mut(),
+            pages * page(),
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert!(p != libc::MAP_FAILED, "mmap failed");
+    p.cast()
+}
+
+fn touch(p: *mut u8, pages: usize, val: u8) {
+    let pg = page();
+    for i in 0..pages {
+        // SAFETY: within the mapping made for `pages` pages.
+        unsafe { ptr::write_volatile(p.add(i * pg), val) };
+    }
+}
+
+fn say(s: &str) {
+    let mut o = std::io::stdout().lock();
+    let _ = writeln!(o, "{s}");
+    let _ = o.flush();
+}
+
+fn wait_line() {
+    let mut l = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut l);
+}
+
+fn wait_eof() {
+    let mut sink = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut sink);
+}
+
+fn arg(args: &[String], i: usize) -> usize {
+    args.get(i).and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        eprintln!("immp-workload: argument {i} must be a number");
+        std::process::exit(2)
+    })
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mode = args.first().map(String::as_str).unwrap_or("");
+    let pg = page();
+    match mode {
+        "first-touch" => {
+            let n = arg(&args, 1);
+            let p = map_anon(n);
+            bracket(|| touch(p, n, 1));
+        }
+        "read-scan" => {
+            let n = arg(&args, 1);
+            let p = map_anon(n);
+            bracket(|| {
+                let mut sum = 0u64;
+                for i in 0..n {
+                    // SAFETY: within the mapping.
+                    sum += unsafe { ptr::read_volatile(p.add(i * pg)) } as u64;
+                }
+                assert_eq!(sum, 0);
+            });
+        }
+        "file-write" => {
+            let n = arg(&args, 1);
+            let path = args.get(2).expect("PATH");
+            let mut f = std::fs::File::create(path).expect("create file");
+            let chunk = if args.len() > 3 {
+                arg(&args, 3).max(1)
+            } else {
+                1
+            };
+            let buf = vec![7u8; pg * chunk];
+            bracket(|| {
+                let mut left = n;
+                while left > 0 {
+                    let k = left.min(chunk);
+                    f.write_all(&buf[..k * pg]).expect("write");
+                    left -= k;
+                }
+            });
+        }
+        "shared-map" => {
+            let n = arg(&args, 1);
+            let path = args.get(2).expect("PATH");
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(path)
+                .expect("open file");
+            f.set_len((n * pg) as u64).expect("size file");
+            use std::os::fd::AsRawFd;
+            // SAFETY: shared mapping of a file of exactly n pages; written within bounds.
+            let p = unsafe {
+                libc::mmap(
+                    ptr::null_mut(),
+                    n * pg,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    f.as_raw_fd(),
+                    0,
+                )
+            };
+            assert!(p != libc::MAP_FAILED);
+            bracket(|| touch(p.cast(), n, 1));
+        }
+        "cow" => {
+            let n = arg(&args, 1);
+            let p = map_anon(n);
+            touch(p, n, 1);
+            say("ready");
+            wait_line();
+            // SAFETY: single-threaded program; the child only touches memory and exits.
+            let child = unsafe { libc::fork() };
+            if child == 0 {
+                touch(p, n, 2);
+                // SAFETY: leave the child without running the parent's exit handlers.
+                unsafe { libc::_exit(0) };
+            }
+            let mut st = 0;
+            // SAFETY: waiting for our own child.
+            unsafe { libc::waitpid(child, &mut st, 0) };
+            say(&format!("child {child}"));
+            say("done");
+            wait_eof();
+        }
+        "storm" => {
+            let n = arg(&args, 1);
+            bracket(|| {
+                for _ in 0..n {
+                    // SAFETY: single-threaded; children touch fresh memory and _exit.
+                    let c = unsafe { libc::fork() };
+                    if c == 0 {
+                        touch(map_anon(4), 4, 1);
+                        // SAFETY: as above.
+                        unsafe { libc::_exit(0) };
+                    }
+                    let mut st = 0;
+                    // SAFETY: reaping our own child.
+                    unsafe { libc::waitpid(c, &mut st, 0) };
+                }
+            });
+        }
+        "writer" => {
+            let n = arg(&args, 1);
+            say("ready");
+            loop {
+                let p = map_anon(n);
+                touch(p, n, 1);
+                // SAFETY: unmapping what we mapped.
+                unsafe { libc::munmap(p.cast(), n * pg) };
+            }
+        }
+        "rewrite" => {
+            let n = arg(&args, 1);
+            let p = map_anon(n);
+            say("ready");
+            let mut v = 0u8;
+            loop {
+                v = v.wrapping_add(1);
+                touch(p, n, v);
+            }
+        }
+        "burn" => {
+            say("ready");
+            let mut x = 0u64;
+            loop {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+        }
+        "idle" => {
+            say("ready");
+            loop {
+                touch(map_anon(1), 1, 1);
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+        }
+        _ => {
+            eprintln!("immp-workload: unknown mode '{mode}' (see the source header for modes)");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn bracket(work: impl FnOnce()) {
+    say("ready");
+    wait_line();
+    work();
+    say("done");
+    wait_eof();
+}

@@ -1,0 +1,261 @@
+//! The `immp` binary as a user runs it: output formats, exit codes, one-line errors.
+mod common;
+
+use std::process::{Command, Output, Stdio};
+
+use common::{Workload, immp_bin};
+
+fn immp(args: &[&str]) -> Output {
+    Command::new(immp_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run immp")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+fn assert_one_line_error(o: &Output, code: i32, needle: &str) {
+    let e = stderr(o);
+    assert_eq!(o.status.code(), Some(code), "exit code; stderr: {e}");
+    assert_eq!(e.trim_end().lines().count(), 1, "one line: {e:?}");
+    assert!(e.starts_with("immp: "), "{e:?}");
+    assert!(e.contains(needle), "{e:?} should mention {needle:?}");
+    assert!(o.stdout.is_empty(), "nothing on stdout");
+}
+
+#[test]
+fn bad_input_is_one_line_and_exit_2() {
+    assert_one_line_error(&immp(&["profile", "--duration", "banana"]), 2, "banana");
+    assert_one_line_error(
+        &immp(&["profile", "--bandwidth", "12parsecs"]),
+        2,
+        "12parsecs",
+    );
+    assert_one_line_error(
+        &immp(&["profile", "--interval", "0"]),
+        2,
+        "greater than zero",
+    );
+    assert_one_line_error(
+        &immp(&["profile", "--pid", "4194305"]),
+        2,
+        "no process with PID 4194305",
+    );
+    assert_one_line_error(&immp(&["profile", "--immp-share", "0%"]), 2, "above 0%");
+}
+
+#[test]
+fn not_root_is_refused_with_exit_3() {
+    let o = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(immp_bin())
+        .args(["profile", "--duration", "1s"])
+        .output()
+        .expect("setpriv (util-linux)");
+    assert_one_line_error(&o, 3, "must run as root");
+}
+
+#[test]
+fn help_has_examples() {
+    let o = immp(&["profile", "--help"]);
+    assert!(o.status.success());
+    let t = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        t.contains("Examples:") && t.contains("--bandwidth 100Mbit"),
+        "{t}"
+    );
+}
+
+fn json_lines(o: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+#[test]
+fn profile_json_ranks_a_real_writer_with_verdict() {
+    let w = Workload::start(&["writer", "256"]);
+    let pid = w.pid().to_string();
+    // Not a terminal: JSON lines by default.
+    let o = immp(&[
+        "profile",
+        "--duration",
+        "2s",
+        "--interval",
+        "500ms",
+        "--bandwidth",
+        "100Mbit",
+        "--pid",
+        &pid,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines = json_lines(&o);
+    assert!(lines.len() >= 3, "{} intervals", lines.len());
+    for v in &lines {
+        assert_eq!(v["mode"], "bounds");
+        assert!(v["mode_note"].as_str().unwrap().contains("lower bound"));
+        let procs = v["processes"].as_array().unwrap();
+        let rates: Vec<f64> = procs
+            .iter()
+            .map(|p| p["dirty_bytes_per_s"].as_f64().unwrap())
+            .collect();
+        assert!(
+            rates.windows(2).all(|w| w[0] >= w[1]),
+            "sorted by dirty rate: {rates:?}"
+        );
+        let me = procs
+            .iter()
+            .find(|p| p["pid"].to_string() == pid)
+            .expect("watched pid present");
+        // A CPU-bound writer of fresh pages dirties far more than 25 % of 12.5 MB/s.
+        assert_eq!(me["verdict"], "immp", "{me}");
+        assert!(me["rates"]["write_new"].as_f64().unwrap() > 1000.0);
+        assert!(me["cpu_pct"].as_f64().unwrap() > 20.0);
+        assert!(me["start_time"].as_u64().unwrap() > 0);
+        assert_eq!(procs[0]["pid"].to_string(), pid, "the writer ranks first");
+    }
+}
+
+#[test]
+fn profile_reports_a_process_that_exits_mid_run_as_gone() {
+    let mut w = Workload::start(&["first-touch", "4096"]);
+    let pid = w.pid();
+    let child = std::process::Command::new(immp_bin())
+        .args([
+            "profile",
+            "--duration",
+            "20s",
+            "--interval",
+            "300ms",
+            "--format",
+            "json",
+            "--pid",
+            &pid.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    w.run();
+    w.finish();
+    let start = std::time::Instant::now();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        start.elapsed().as_secs() < 10,
+        "profile stops once every watched process is gone"
+    );
+    let lines = json_lines(&o);
+    let last = lines.last().unwrap();
+    let me = last["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pid"] == pid)
+        .unwrap();
+    assert_eq!(me["gone"], true);
+    let total_new: f64 = lines
+        .iter()
+        .filter_map(|l| {
+            l["processes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["pid"] == pid)
+                .map(|p| {
+                    p["rates"]["write_new"].as_f64().unwrap() * l["interval_s"].as_f64().unwrap()
+                })
+        })
+        .sum();
+    assert!(
+        (total_new - 4096.0).abs() < 4096.0 * 0.05,
+        "pages counted across intervals: {total_new}"
+    );
+}
+
+#[test]
+fn profile_csv_and_table_formats() {
+    let o = immp(&[
+        "profile",
+        "--duration",
+        "1s",
+        "--format",
+        "csv",
+        "--top",
+        "3",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let t = String::from_utf8_lossy(&o.stdout);
+    assert!(t.starts_with("time_unix_ms,seq,mode,pid,"), "{t}");
+    let o = immp(&[
+        "profile",
+        "--duration",
+        "1s",
+        "--format",
+        "table",
+        "--bandwidth",
+        "1Gbit",
+    ]);
+    let t = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        t.contains("mode: Bounds (lower bound)") && t.contains("DIRTY"),
+        "{t}"
+    );
+    assert!(t.contains("of a 125 MB/s link"), "{t}");
+}
+
+#[test]
+fn tracepoint_fallback_through_the_cli() {
+    let w = Workload::start(&["writer", "64"]);
+    let o = immp(&[
+        "profile",
+        "--probes",
+        "tracepoint",
+        "--duration",
+        "1s",
+        "--pid",
+        &w.pid().to_string(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v = &json_lines(&o)[0];
+    assert_eq!(v["probes"], "tracepoint");
+    assert_eq!(v["folio_pages_known"], false);
+    assert!(v["processes"][0]["rates"]["write_new"].as_f64().unwrap() > 100.0);
+}
+
+#[test]
+fn doctor_reports_capabilities_and_succeeds_here() {
+    let o = immp(&["doctor", "--format", "json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["usable"], true);
+    let checks = v["checks"].as_array().unwrap();
+    let get = |n: &str| {
+        checks
+            .iter()
+            .find(|c| c["name"] == n)
+            .unwrap_or_else(|| panic!("check {n}"))
+    };
+    assert_eq!(get("probes-btf")["status"], "ok");
+    assert_eq!(get("probes-tracepoint")["status"], "ok");
+    // This kernel lacks soft-dirty: doctor must see through clear_refs' fake success.
+    let sd = get("soft-dirty");
+    let kernel_has_sd =
+        std::fs::read_to_string(format!("/boot/config-{}", v["kernel"].as_str().unwrap()))
+            .map(|c| c.contains("CONFIG_MEM_SOFT_DIRTY=y"))
+            .ok();
+    if kernel_has_sd == Some(false) || v["kernel"].as_str().unwrap().starts_with("6.18") {
+        assert_eq!(sd["status"], "warn", "{sd}");
+    }
+    assert!(
+        get("cap-mechanism")["detail"]
+            .as_str()
+            .unwrap()
+            .contains("cgroup")
+    );
+}

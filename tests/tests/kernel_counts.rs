@@ -1,0 +1,254 @@
+//! Real eBPF programs on the running kernel, real child processes with known page counts.
+mod common;
+
+use common::{Workload, scratch};
+use immp::{
+    probes::{FlavourChoice, ProbeOptions, Probes},
+    rank::{RankSettings, rank},
+    sampler::Sampler,
+    snapshot::{ProcSample, Snapshot},
+};
+
+fn sampler(flavour: FlavourChoice, max_procs: u32) -> Sampler {
+    let probes = Probes::load(&ProbeOptions { flavour, max_procs }).expect("probes attach");
+    Sampler::new(probes, vec![])
+}
+
+fn find(snap: &Snapshot, pid: u32) -> &ProcSample {
+    snap.processes
+        .iter()
+        .find(|p| p.pid == pid)
+        .unwrap_or_else(|| {
+            panic!(
+                "pid {pid} not in snapshot ({} processes)",
+                snap.processes.len()
+            )
+        })
+}
+
+/// Counts over the snapshot's interval, from its per-second rates.
+struct Counts {
+    write_new: f64,
+    write_protect: f64,
+    read: f64,
+    pagecache: f64,
+    dirty: f64,
+}
+
+fn counts(snap: &Snapshot, p: &ProcSample) -> Counts {
+    let t = snap.interval_s;
+    Counts {
+        write_new: p.rates.write_new * t,
+        write_protect: p.rates.write_protect * t,
+        read: p.rates.read * t,
+        pagecache: p.rates.pagecache * t,
+        dirty: p.rates.dirty * t,
+    }
+}
+
+/// Brackets exactly the workload's work between two samples.
+fn measure(flavour: FlavourChoice, args: &[&str]) -> (Snapshot, u32, Vec<String>) {
+    let mut s = sampler(flavour, 16384);
+    let mut w = Workload::start(args);
+    s.sample(); // baseline after the workload's own start-up faults
+    let lines = w.run();
+    let snap = s.sample();
+    let pid = w.pid();
+    w.finish();
+    (snap, pid, lines)
+}
+
+fn within(actual: f64, expected: f64, tol: f64) -> bool {
+    (actual - expected).abs() <= expected * tol
+}
+
+const N: usize = 16384;
+
+fn first_touch(flavour: FlavourChoice) {
+    let (snap, pid, _) = measure(flavour, &["first-touch", &N.to_string()]);
+    let c = counts(&snap, find(&snap, pid));
+    assert!(
+        within(c.write_new, N as f64, 0.01),
+        "new-page writes {} for {N} pages",
+        c.write_new
+    );
+    assert!(
+        c.write_protect < N as f64 * 0.01,
+        "write-protect {}",
+        c.write_protect
+    );
+    assert!(within(c.dirty, N as f64, 0.01), "dirty {}", c.dirty);
+}
+
+#[test]
+fn first_touch_counts_new_pages_btf() {
+    first_touch(FlavourChoice::Btf);
+}
+
+#[test]
+fn first_touch_counts_new_pages_tracepoint_fallback() {
+    first_touch(FlavourChoice::Tracepoint);
+}
+
+#[test]
+fn read_scan_counts_reads_not_dirty() {
+    let (snap, pid, _) = measure(FlavourChoice::Btf, &["read-scan", &N.to_string()]);
+    let c = counts(&snap, find(&snap, pid));
+    assert!(within(c.read, N as f64, 0.01), "read faults {}", c.read);
+    assert!(
+        c.dirty < N as f64 * 0.01,
+        "a read-only scan dirtied {}",
+        c.dirty
+    );
+}
+
+#[test]
+fn file_write_counts_page_cache_pages_small_and_large_folios() {
+    let dir = scratch("file-write");
+    for chunk in ["1", "256"] {
+        let path = dir.join(format!("f{chunk}"));
+        let (snap, pid, _) = measure(
+            FlavourChoice::Btf,
+            &["file-write", &N.to_string(), path.to_str().unwrap(), chunk],
+        );
+        let c = counts(&snap, find(&snap, pid));
+        assert!(
+            within(c.pagecache, N as f64, 0.01),
+            "chunk {chunk}: page-cache pages {}",
+            c.pagecache
+        );
+        assert!(
+            within(c.dirty, N as f64, 0.01),
+            "chunk {chunk}: dirty {}",
+            c.dirty
+        );
+        assert!(
+            c.write_new < 100.0,
+            "write() takes no faults on the file, got {}",
+            c.write_new
+        );
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+#[test]
+fn shared_file_mapping_counts_each_page_once() {
+    let path = scratch("shared-map").join("m");
+    let (snap, pid, _) = measure(
+        FlavourChoice::Btf,
+        &["shared-map", &N.to_string(), path.to_str().unwrap()],
+    );
+    let c = counts(&snap, find(&snap, pid));
+    // Faults are fewer than pages here (whole folios get mapped), page-cache dirtying is not,
+    // and a page dirtied inside a write fault must not count twice.
+    assert!(
+        within(c.dirty, N as f64, 0.02),
+        "dirty {} (faults {}, page cache {})",
+        c.dirty,
+        c.write_new + c.write_protect,
+        c.pagecache
+    );
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn fork_then_write_counts_copy_on_write_in_child() {
+    let (snap, _, lines) = measure(FlavourChoice::Btf, &["cow", &N.to_string()]);
+    let child: u32 = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("child ").and_then(|p| p.parse().ok()))
+        .expect("child pid");
+    let p = find(&snap, child);
+    let c = counts(&snap, p);
+    assert!(
+        within(c.write_protect, N as f64, 0.01),
+        "CoW faults in child {}",
+        c.write_protect
+    );
+    assert!(
+        c.write_new < N as f64 * 0.01,
+        "child new-page writes {}",
+        c.write_new
+    );
+}
+
+#[test]
+fn ranking_follows_dirty_volume() {
+    let mut s = sampler(FlavourChoice::Btf, 16384);
+    let sizes = [2000usize, 32000, 8000];
+    let mut ws: Vec<Workload> = sizes
+        .iter()
+        .map(|n| Workload::start(&["first-touch", &n.to_string()]))
+        .collect();
+    s.sample();
+    for w in &mut ws {
+        w.run();
+    }
+    let snap = s.sample();
+    let pids: Vec<u32> = ws.iter().map(Workload::pid).collect();
+    let r = rank(&snap, &RankSettings::default());
+    let order: Vec<u32> = r
+        .processes
+        .iter()
+        .map(|p| p.proc_.pid)
+        .filter(|p| pids.contains(p))
+        .collect();
+    assert_eq!(order, vec![pids[1], pids[2], pids[0]]);
+    for w in ws {
+        w.finish();
+    }
+}
+
+#[test]
+fn process_storm_neither_breaks_sampling_nor_leaks_entries() {
+    let mut s = sampler(FlavourChoice::Btf, 16384);
+    let mut w = Workload::start(&["storm", "3000"]);
+    let before = s.sample();
+    let k0 = before.health.kernel;
+    w.run();
+    let mid = s.sample();
+    w.finish();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let after = s.sample();
+    let k1 = after.health.kernel;
+    assert!(
+        k1.exits_sent - k0.exits_sent >= 3000,
+        "exits seen {}",
+        k1.exits_sent - k0.exits_sent
+    );
+    assert_eq!(k1.exit_lost, 0, "exit events lost");
+    assert_eq!(k1.map_full, 0);
+    // Entries are reaped at exit: the table is not 3000 entries bigger.
+    assert!(
+        after.health.tracked < before.health.tracked + 100,
+        "tracked {} -> {}",
+        before.health.tracked,
+        after.health.tracked
+    );
+    // The children's pages were counted (4 each) even though none lived to be sampled.
+    assert!(
+        mid.totals.dirty_pages_per_s * mid.interval_s >= 3000.0 * 4.0,
+        "total dirty {}",
+        mid.totals.dirty_pages_per_s * mid.interval_s
+    );
+}
+
+#[test]
+fn full_table_is_reported_not_silent() {
+    let mut s = sampler(FlavourChoice::Btf, 4);
+    let mut ws: Vec<Workload> = (0..12)
+        .map(|_| Workload::start(&["first-touch", "64"]))
+        .collect();
+    for w in &mut ws {
+        w.run();
+    }
+    let snap = s.sample();
+    assert!(
+        snap.health.map_full > 0,
+        "a 4-entry table with 12+ processes must report overflow"
+    );
+    assert!(snap.health.tracked <= 4);
+    for w in ws {
+        w.finish();
+    }
+}
