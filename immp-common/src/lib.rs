@@ -28,6 +28,10 @@ pub struct Counters {
     /// `bpf_ktime_get_boot_ns()` when this entry was created: tells one incarnation of a TGID
     /// from the next when pids are reused between two samples.
     pub first_ns: u64,
+    /// Thread id of this process's latest write fault, cleared once a page-cache dirtying
+    /// event is matched to it (kept in the entry itself: no second map lookup on the hot path).
+    pub armed_tid: u32,
+    pub _pad: u32,
 }
 
 impl Counters {
@@ -51,20 +55,11 @@ pub struct ExitEvent {
     pub comm: [u8; 16],
 }
 
-/// Scratch per CPU: which thread is inside a write fault right now (see `pagecache_in_fault`).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FaultScratch {
-    pub tid: u32,
-    pub armed: u32,
-}
-
 /// Map names, shared so that the loader cannot drift from the programs.
 pub mod maps {
     pub const COUNTERS: &str = "COUNTERS";
     pub const EXITS: &str = "EXITS";
     pub const STATS: &str = "STATS";
-    pub const SCRATCH: &str = "SCRATCH";
 }
 
 /// Global variables the loader overrides at load time.
@@ -100,11 +95,9 @@ pub mod fault {
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all three are #[repr(C)] structs of integers with no padding holes that matter
+    // SAFETY: both are #[repr(C)] structs of integers with no padding holes that matter
     // (explicit `_pad`), valid for any bit pattern.
     unsafe impl aya::Pod for super::Counters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ExitEvent {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for super::FaultScratch {}
 }

@@ -17,10 +17,10 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_boot_ns, bpf_probe_read_kernel},
     macros::{btf_tracepoint, map, tracepoint},
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, RingBuf},
     programs::{BtfTracePointContext, TracePointContext},
 };
-use immp_common::{Counters, ExitEvent, FaultScratch, fault, stats};
+use immp_common::{Counters, ExitEvent, fault, stats};
 
 /// Default capacity; the loader overrides it (`--max-procs`).
 #[map]
@@ -31,9 +31,6 @@ static EXITS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
 #[map]
 static STATS: Array<u64> = Array::with_max_entries(stats::LEN, 0);
-
-#[map]
-static SCRATCH: PerCpuArray<FaultScratch> = PerCpuArray::with_max_entries(1, 0);
 
 #[unsafe(no_mangle)]
 static FOLIO_NR_PAGES_OFFSET: Global<u32> = Global::new(0);
@@ -95,10 +92,7 @@ fn on_fault(address: u64, error_code: u64) {
                 add(&raw mut (*c).write_new, 1);
             }
             // A write fault on a shared file page dirties that folio inside this fault.
-            if let Some(s) = SCRATCH.get_ptr_mut(0) {
-                (*s).tid = tid;
-                (*s).armed = 1;
-            }
+            (*c).armed_tid = tid;
         } else {
             add(&raw mut (*c).read, 1);
         }
@@ -110,15 +104,12 @@ fn on_dirty(pages: u64) {
     let id = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((id >> 32) as u32, id as u32);
     let Some(c) = counters(tgid) else { return };
-    // SAFETY: `c` and `s` are live map values.
+    // SAFETY: `c` is a live map value.
     unsafe {
         add(&raw mut (*c).pagecache_pages, pages);
-        if let Some(s) = SCRATCH.get_ptr_mut(0)
-            && (*s).armed != 0
-            && (*s).tid == tid
-        {
+        if (*c).armed_tid == tid {
             // One fault dirties at most one folio: disarm so a later write() is not matched.
-            (*s).armed = 0;
+            (*c).armed_tid = 0;
             add(&raw mut (*c).pagecache_in_fault, 1);
         }
     }

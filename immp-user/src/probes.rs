@@ -148,13 +148,22 @@ impl Probes {
     }
 
     fn load_btf(opts: &ProbeOptions) -> anyhow::Result<Self> {
-        let kbtf = btfinfo::load_vmlinux()?;
-        let folio = btfinfo::folio_layout(&kbtf);
+        // The BTF parsers hold tens of MB while they work: take what we need, drop them, and
+        // hand the freed heap back (the agent runs for hours; its resident size matters).
+        let (folio, present) = {
+            let kbtf = btfinfo::load_vmlinux()?;
+            let present: Vec<bool> = HOOKS
+                .iter()
+                .map(|h| btfinfo::has_tracepoint(&kbtf, h.name))
+                .collect();
+            (btfinfo::folio_layout(&kbtf), present)
+        };
+        trim_heap();
         let btf = aya::Btf::from_sys_fs().context("reading kernel BTF for aya")?;
         let mut ebpf = Self::loader(opts, folio)?;
         let mut hooks = BTreeMap::new();
-        for h in HOOKS {
-            if !btfinfo::has_tracepoint(&kbtf, h.name) {
+        for (h, present) in HOOKS.iter().zip(present) {
+            if !present {
                 if h.required {
                     bail!("kernel has no BTF tracepoint {}", h.name);
                 }
@@ -179,6 +188,8 @@ impl Probes {
                 }
             }
         }
+        drop(btf);
+        trim_heap();
         let report = ProbeReport {
             flavour: Flavour::Btf,
             hooks,
@@ -268,6 +279,11 @@ impl Probes {
             entries_created: get(stats::ENTRIES_CREATED),
         }
     }
+}
+
+fn trim_heap() {
+    // SAFETY: malloc_trim only releases free heap pages; no pointers are invalidated.
+    unsafe { libc::malloc_trim(0) };
 }
 
 const TRACEFS: &str = "/sys/kernel/tracing";

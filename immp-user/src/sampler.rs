@@ -61,6 +61,7 @@ impl Delta {
                 pagecache_pages: now.pagecache_pages.saturating_sub(b.pagecache_pages),
                 pagecache_in_fault: now.pagecache_in_fault.saturating_sub(b.pagecache_in_fault),
                 first_ns: now.first_ns,
+                ..Counters::default()
             },
         }
     }

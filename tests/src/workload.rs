@@ -15,6 +15,8 @@
 //!   rewrite PAGES        forever: rewrite the same PAGES pages (no faults after the first pass)
 //!   burn                 forever: spin on the CPU, no memory writes
 //!   idle                 forever: touch one fresh page per second
+//!   fault-bench N REPS   map N pages, touch all, unmap, REPS times; prints ns per fault
+//!   mixed MIB REPS       fill MIB of fresh memory with a PRNG and sort it, REPS times; prints ms
 use std::{
     io::{BufRead, Write},
     ptr,
@@ -209,6 +211,38 @@ fn main() {
                 touch(map_anon(1), 1, 1);
                 std::thread::sleep(std::time::Duration::from_secs(1));
             }
+        }
+        "fault-bench" => {
+            let (n, reps) = (arg(&args, 1), arg(&args, 2));
+            let t = std::time::Instant::now();
+            for _ in 0..reps {
+                let p = map_anon(n);
+                touch(p, n, 1);
+                // SAFETY: unmapping what we mapped.
+                unsafe { libc::munmap(p.cast(), n * pg) };
+            }
+            say(&format!(
+                "{:.2}",
+                t.elapsed().as_nanos() as f64 / (n * reps) as f64
+            ));
+        }
+        "mixed" => {
+            // A realistic-ish job: allocation, computation and memory writes in proportion.
+            let (mib, reps) = (arg(&args, 1), arg(&args, 2));
+            let t = std::time::Instant::now();
+            for r in 0..reps {
+                let mut v: Vec<u64> = Vec::with_capacity(mib << 17);
+                let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ r as u64;
+                for _ in 0..(mib << 17) {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    v.push(x);
+                }
+                v.sort_unstable();
+                std::hint::black_box(&v);
+            }
+            say(&format!("{:.2}", t.elapsed().as_secs_f64() * 1e3));
         }
         _ => {
             eprintln!("immp-workload: unknown mode '{mode}' (see the source header for modes)");

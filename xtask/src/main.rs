@@ -1,1 +1,132 @@
-fn main() {}
+//! Developer workflows for immp: toolchain setup, build, run, test, benchmarks.
+//! Nothing in the product depends on this crate.
+mod bench;
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "immp developer workflows")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what the eBPF build and the tests need (idempotent; seconds when all is there)
+    Setup,
+    /// Set up, build the release binary (eBPF object embedded)
+    Build,
+    /// Set up, build, and run `immp` with the given arguments, e.g. `cargo xtask run -- profile`
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, build, and run the whole test suite (unit, kernel and CLI tests)
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter)
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Benchmarks that print ratios measured side by side in one run
+    Bench {
+        #[command(subcommand)]
+        which: bench::Which,
+    },
+}
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// The rustup cargo that runs us (not Debian's /usr/bin/cargo, which builds only the eBPF part).
+pub fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+pub fn release_bin(name: &str) -> PathBuf {
+    root().join("target/release").join(name)
+}
+
+/// Runs `cargo test`, passing its output through, and ends with one line that totals every
+/// test binary (cargo's own last line is the doc-tests', often "0 passed").
+fn test_with_summary(cmd: &mut Command) -> anyhow::Result<()> {
+    use std::io::{BufRead as _, BufReader};
+    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn()?;
+    let (mut passed, mut failed, mut binaries) = (0u64, 0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().expect("stdout")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            binaries += 1;
+            let num = |key: &str| {
+                rest.split(';')
+                    .find_map(|p| {
+                        p.trim()
+                            .strip_suffix(key)
+                            .and_then(|n| n.trim().rsplit(' ').next()?.parse::<u64>().ok())
+                    })
+                    .unwrap_or(0)
+            };
+            passed += num(" passed");
+            failed += num(" failed");
+        }
+    }
+    let status = child.wait()?;
+    println!("tests: {passed} passed, {failed} failed");
+    if !status.success() || failed > 0 || passed == 0 || binaries == 0 {
+        bail!("cargo test failed ({status})");
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Setup => setup::ensure(),
+        Cmd::Build => {
+            setup::ensure()?;
+            run(cargo().args(["build", "--release", "--workspace", "--bins"]))
+        }
+        Cmd::Run { args } => {
+            setup::ensure()?;
+            run(cargo().args(["build", "--release", "-p", "immp-user"]))?;
+            let status = Command::new(release_bin("immp")).args(&args).status()?;
+            std::process::exit(status.code().unwrap_or(1));
+        }
+        Cmd::Test { args } => {
+            setup::ensure()?;
+            // The CLI tests run the real binaries: build them first.
+            run(cargo().args(["build", "--workspace", "--bins"]))?;
+            test_with_summary(
+                cargo()
+                    .args(["test", "--workspace", "--no-fail-fast"])
+                    .args(&args),
+            )
+        }
+        Cmd::Bench { which } => {
+            setup::ensure()?;
+            run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;
+            bench::run(which)
+        }
+    }
+}

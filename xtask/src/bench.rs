@@ -1,0 +1,224 @@
+//! Benchmarks: each prints ratios measured side by side in the same run (this machine is
+//! noisy; absolute times from another run mean little).
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use clap::Subcommand;
+
+use crate::release_bin;
+
+#[derive(Subcommand, Clone, Copy)]
+pub enum Which {
+    /// Cost of the probes per page fault: fault storm with and without immp, interleaved
+    Overhead {
+        #[arg(long, default_value_t = 12)]
+        rounds: usize,
+    },
+    /// The agent's own cost at 1 Hz with ~500 live processes: CPU % of one core and RSS
+    Agent {
+        #[arg(long, default_value_t = 500)]
+        procs: usize,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
+}
+
+pub fn run(w: Which) -> anyhow::Result<()> {
+    match w {
+        Which::Overhead { rounds } => overhead(rounds),
+        Which::Agent { procs, seconds } => agent(procs, seconds),
+    }
+}
+
+fn workload(args: &[&str]) -> anyhow::Result<f64> {
+    let o = Command::new(release_bin("immp-workload"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()?;
+    if !o.status.success() {
+        bail!("workload {args:?} failed");
+    }
+    String::from_utf8_lossy(&o.stdout)
+        .trim()
+        .parse()
+        .context("workload output")
+}
+
+/// `immp profile` in the background, returned once its probes are attached (first interval).
+fn start_agent(interval: &str) -> anyhow::Result<Child> {
+    let mut c = Command::new(release_bin("immp"))
+        .args([
+            "profile",
+            "--interval",
+            interval,
+            "--format",
+            "json",
+            "--top",
+            "5",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let mut out = BufReader::new(c.stdout.take().expect("stdout"));
+    let mut first = String::new();
+    out.read_line(&mut first)?;
+    if first.is_empty() {
+        bail!("immp profile ended before its first interval");
+    }
+    // Keep draining so the agent never blocks on a full pipe.
+    std::thread::spawn(move || {
+        let mut sink = String::new();
+        while out.read_line(&mut sink).is_ok_and(|n| n > 0) {
+            sink.clear();
+        }
+    });
+    Ok(c)
+}
+
+fn stop(mut c: Child) {
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    let _ = c.wait();
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn spread(v: &[f64]) -> (f64, f64) {
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    (lo, hi)
+}
+
+/// Interleaved A/B rounds, order alternating, medians: `f(with_agent)` returns one figure.
+fn ab(
+    rounds: usize,
+    mut f: impl FnMut(bool) -> anyhow::Result<f64>,
+) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    let (mut off, mut on) = (Vec::new(), Vec::new());
+    for r in 0..rounds {
+        for with in if r % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        } {
+            let v = f(with)?;
+            if with { on.push(v) } else { off.push(v) }
+        }
+        eprint!("\rround {}/{rounds}", r + 1);
+    }
+    eprintln!();
+    Ok((off, on))
+}
+
+fn measured(with: bool, args: &[&str]) -> anyhow::Result<f64> {
+    let agent = if with { Some(start_agent("1s")?) } else { None };
+    let v = workload(args);
+    if let Some(a) = agent {
+        stop(a);
+    }
+    v
+}
+
+fn overhead(rounds: usize) -> anyhow::Result<()> {
+    println!(
+        "bench overhead: first-touch fault storm (16384 pages x 20 per run), {rounds} interleaved rounds, agent at 1 Hz"
+    );
+    let (mut off, mut on) = ab(rounds, |with| {
+        measured(with, &["fault-bench", "16384", "20"])
+    })?;
+    let (lo0, hi0) = spread(&off);
+    let (lo1, hi1) = spread(&on);
+    let (m0, m1) = (median(&mut off), median(&mut on));
+    println!("  without immp: median {m0:.1} ns/fault (range {lo0:.1}-{hi0:.1})");
+    println!("  with immp:    median {m1:.1} ns/fault (range {lo1:.1}-{hi1:.1})");
+    println!("  added per fault: {:.1} ns", m1 - m0);
+    println!("  ratio: {:.3} (goal <= 1.01)", m1 / m0);
+    println!(
+        "  noise: spread of the baseline alone is {:.1} % of its median",
+        (hi0 - lo0) / m0 * 100.0
+    );
+
+    println!("bench overhead: realistic job (fill 64 MiB with a PRNG and sort it, x3 per run)");
+    let (mut off, mut on) = ab(rounds, |with| measured(with, &["mixed", "64", "3"]))?;
+    let (m0, m1) = (median(&mut off), median(&mut on));
+    println!("  without immp: median {m0:.0} ms; with immp: median {m1:.0} ms");
+    println!("  ratio: {:.3} (goal < 1.005)", m1 / m0);
+    Ok(())
+}
+
+fn proc_cpu_ticks(pid: u32) -> anyhow::Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = &s[s.rfind(')').context("stat")? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Ok(f[11].parse::<u64>()? + f[12].parse::<u64>()?)
+}
+
+fn proc_status_kb(pid: u32, key: &str) -> anyhow::Result<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    s.lines()
+        .find_map(|l| {
+            l.strip_prefix(key)
+                .map(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>())
+        })
+        .context("status key")?
+        .context("status value")
+}
+
+fn agent(procs: usize, seconds: u64) -> anyhow::Result<()> {
+    println!(
+        "bench agent: {procs} live processes (each touching a fresh page every second), agent at 1 Hz for {seconds} s"
+    );
+    let mut kids = Vec::with_capacity(procs);
+    for _ in 0..procs {
+        let mut c = Command::new(release_bin("immp-workload"))
+            .arg("idle")
+            .stdout(Stdio::piped())
+            .stdin(Stdio::null())
+            .spawn()?;
+        let mut l = String::new();
+        BufReader::new(c.stdout.as_mut().expect("stdout")).read_line(&mut l)?;
+        kids.push(c);
+    }
+    let agent = start_agent("1s")?;
+    let pid = agent.id();
+    // Start measuring after the first interval (load and attach are one-off costs).
+    let t0 = Instant::now();
+    let c0 = proc_cpu_ticks(pid)?;
+    std::thread::sleep(Duration::from_secs(seconds));
+    let c1 = proc_cpu_ticks(pid)?;
+    let el = t0.elapsed().as_secs_f64();
+    let rss = proc_status_kb(pid, "VmRSS:")?;
+    let hwm = proc_status_kb(pid, "VmHWM:")?;
+    // SAFETY: sysconf has no preconditions.
+    let tps = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let cpu = (c1 - c0) as f64 / tps / el * 100.0;
+    stop(agent);
+    for mut k in kids {
+        let _ = k.kill();
+        let _ = k.wait();
+    }
+    println!("  agent CPU: {cpu:.2} % of one core (goal < 1 %)");
+    println!(
+        "  agent RSS: {:.1} MB steady (goal < 30 MB); peak {:.1} MB, reached while parsing kernel BTF at start",
+        rss as f64 / 1024.0,
+        hwm as f64 / 1024.0
+    );
+    println!(
+        "  ratio: {:.3} of the CPU goal, {:.3} of the RSS goal",
+        cpu / 1.0,
+        rss as f64 / 1024.0 / 30.0
+    );
+    Ok(())
+}

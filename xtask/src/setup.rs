@@ -1,0 +1,81 @@
+//! The toolchain recipe of shared/toolchain.md, automated and idempotent: Debian's rustc-web
+//! (with a prebuilt `core` for bpfel-unknown-none) and bpf-linker 0.13 built against LLVM 22.
+//! Newer aya needs rustc 1.98, which no toolchain here has: this is the generation that builds.
+use std::{path::Path, process::Command};
+
+use anyhow::{Context as _, bail};
+
+/// (package, a file it installs): present file = nothing to do.
+const PACKAGES: &[(&str, &str)] = &[
+    ("rustc-web", "/usr/bin/rustc"),
+    ("cargo-web", "/usr/bin/cargo"),
+    (
+        "libstd-rust-web-dev-bpf",
+        "/usr/lib/rustlib/bpfel-unknown-none/lib",
+    ),
+    (
+        "llvm-22-dev",
+        "/usr/include/llvm-22/llvm/Config/llvm-config.h",
+    ),
+    ("libpolly-22-dev", "/usr/lib/llvm-22/lib/libPolly.a"),
+    ("libzstd-dev", "/usr/include/zstd.h"),
+    ("zlib1g-dev", "/usr/include/zlib.h"),
+    // Benchmarks compare against the paper's tool; tests use setpriv (util-linux, always there).
+    ("cpulimit", "/usr/bin/cpulimit"),
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn ensure() -> anyhow::Result<()> {
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .filter(|(_, f)| !Path::new(f).exists())
+        .map(|(p, _)| *p)
+        .collect();
+    if !missing.is_empty() {
+        eprintln!("xtask setup: installing {} (apt)", missing.join(" "));
+        crate::run(Command::new("apt-get").args(["update", "-qq"]))?;
+        crate::run(
+            Command::new("apt-get")
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .args(["install", "-y", "-qq"])
+                .args(&missing),
+        )
+        .context("apt-get install (are you root?)")?;
+    }
+    if !bpf_linker_ok() {
+        eprintln!(
+            "xtask setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)"
+        );
+        let path = format!(
+            "/usr/lib/llvm-22/bin:{}",
+            std::env::var("PATH").unwrap_or_default()
+        );
+        // The PATH prefix matters: /usr/bin/llvm-config on this image is LLVM 14.
+        crate::run(
+            Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+                .env("PATH", path)
+                .env("LLVM_SYS_221_PREFIX", "/usr/lib/llvm-22")
+                .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+                .args(["--no-default-features", "--features", "llvm-22"]),
+        )?;
+        if !bpf_linker_ok() {
+            bail!("bpf-linker {BPF_LINKER_VERSION} still not found on PATH after installing it");
+        }
+    }
+    if missing.is_empty() {
+        eprintln!(
+            "xtask setup: toolchain present (rustc-web, BPF core, bpf-linker {BPF_LINKER_VERSION})"
+        );
+    }
+    Ok(())
+}
+
+fn bpf_linker_ok() -> bool {
+    Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
+        })
+}
