@@ -4,13 +4,17 @@ pub mod btfinfo;
 pub mod cgroup;
 pub mod cli;
 pub mod doctor;
+pub mod journal;
 pub mod output;
+pub mod policy;
+pub mod predict;
 pub mod probes;
 pub mod procinfo;
 pub mod rank;
 pub mod sampler;
 pub mod snapshot;
 pub mod softdirty;
+pub mod throttle;
 pub mod units;
 
 /// Exit codes scripts can test.

@@ -42,6 +42,13 @@ pub fn stat(pid: u32) -> Option<ProcStat> {
     })
 }
 
+/// An exited process its parent has not reaped yet.
+pub fn is_zombie(pid: u32) -> bool {
+    Process::new(pid as i32)
+        .and_then(|p| p.stat())
+        .is_ok_and(|s| s.state == 'Z')
+}
+
 /// The command line, arguments joined by spaces; empty for kernel threads and zombies.
 pub fn cmdline(pid: u32) -> String {
     Process::new(pid as i32)

@@ -1,0 +1,367 @@
+//! Automatic caps: a pure function of a Snapshot, the settings, the caps in force and a little
+//! memory between intervals (for hysteresis). It never touches the system; `throttle` applies
+//! what it decides.
+use std::{collections::BTreeMap, time::Duration};
+
+use serde::Serialize;
+
+use crate::{
+    predict::{Link, Prediction, Writer, predict},
+    snapshot::{ProcId, ProcSample, Snapshot},
+    units::fmt_rate,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AutoSettings {
+    pub link: Link,
+    /// Never cap below this (QoS floor), percent of one CPU.
+    pub floor_pct: f64,
+    /// Migration time to achieve; `None`: converging at all is enough.
+    pub target: Option<Duration>,
+    /// Only processes dirtying at least this share of the link are capped.
+    pub immp_share: f64,
+    /// A cap changes only if the new one differs by at least this many points.
+    pub hysteresis_pct: f64,
+    /// A cap is lifted only after this many intervals in a row without need.
+    pub lift_after: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "action", rename_all = "lowercase")]
+pub enum Action {
+    Cap { cap_pct: f64 },
+    Keep { cap_pct: f64 },
+    Lift,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Decision {
+    pub pid: u32,
+    pub start_time: u64,
+    pub comm: String,
+    #[serde(flatten)]
+    pub action: Action,
+    pub reason: String,
+}
+
+/// What the policy remembers between intervals.
+#[derive(Debug, Clone, Default)]
+pub struct PolicyState {
+    /// CPU share before immp capped it.
+    uncapped_cpu: BTreeMap<ProcId, f64>,
+    /// Consecutive intervals a capped process was not needed.
+    calm: BTreeMap<ProcId, u32>,
+}
+
+pub struct Outcome {
+    pub decisions: Vec<Decision>,
+    pub without_caps: Prediction,
+    pub with_caps: Prediction,
+}
+
+fn writer_for(p: &ProcSample, st: &mut PolicyState, capped: bool) -> Writer {
+    let id = p.id();
+    if !capped {
+        st.uncapped_cpu.insert(id, p.cpu_pct.max(1.0));
+    }
+    // Bytes dirtied per CPU-percent: unchanged by a cap, so a capped measurement still tells
+    // the uncapped rate.
+    let k = p.dirty_bytes_per_s / p.cpu_pct.max(0.5);
+    let cpu = *st.uncapped_cpu.get(&id).unwrap_or(&100.0);
+    Writer {
+        rate: k * cpu,
+        working_set: p.rss_bytes.max(4096) as f64,
+        cpu_pct: cpu,
+    }
+}
+
+pub fn decide(
+    snap: &Snapshot,
+    s: &AutoSettings,
+    caps: &BTreeMap<ProcId, f64>,
+    st: &mut PolicyState,
+) -> Outcome {
+    let live: Vec<&ProcSample> = snap.processes.iter().filter(|p| !p.gone).collect();
+    let writers: Vec<(ProcId, &ProcSample, Writer)> = live
+        .iter()
+        .filter(|p| p.dirty_bytes_per_s > 0.0 || caps.contains_key(&p.id()))
+        .map(|p| (p.id(), *p, writer_for(p, st, caps.contains_key(&p.id()))))
+        .collect();
+    // The rest of the guest: dirtying not attributed to a live process (short-lived ones).
+    let named: f64 = writers.iter().map(|(_, p, _)| p.dirty_bytes_per_s).sum();
+    let rest = (snap.totals.dirty_bytes_per_s - named).max(0.0);
+    let background = Writer {
+        rate: rest,
+        working_set: s.link.ram,
+        cpu_pct: 0.0,
+    };
+
+    let eval = |chosen: &BTreeMap<ProcId, f64>| -> Prediction {
+        let mut v: Vec<(Writer, Option<f64>)> = writers
+            .iter()
+            .map(|(id, _, w)| (*w, chosen.get(id).copied()))
+            .collect();
+        v.push((background, None));
+        predict(&s.link, &v)
+    };
+    let without_caps = eval(&BTreeMap::new());
+
+    // The processes the prediction blames: IMMPs by share of the link, worst first.
+    let mut blamed: Vec<&(ProcId, &ProcSample, Writer)> = writers
+        .iter()
+        .filter(|(_, _, w)| w.rate >= s.immp_share * s.link.bandwidth)
+        .collect();
+    blamed.sort_by(|a, b| b.2.rate.total_cmp(&a.2.rate));
+
+    let mut desired: BTreeMap<ProcId, f64> = BTreeMap::new();
+    let mut why: BTreeMap<ProcId, String> = BTreeMap::new();
+    if !without_caps.within(s.target) {
+        for (id, _, w) in &blamed {
+            let top = w.cpu_pct.min(100.0 * 64.0).floor();
+            // Highest cap (1-point steps) that makes the prediction meet the goal.
+            let mut found = None;
+            let mut c = top;
+            while c >= s.floor_pct {
+                let mut trial = desired.clone();
+                trial.insert(*id, c);
+                let p = eval(&trial);
+                if p.within(s.target) {
+                    found = Some((c, p));
+                    break;
+                }
+                c -= 1.0;
+            }
+            match found {
+                Some((c, p)) => {
+                    desired.insert(*id, c);
+                    why.insert(*id, format!(
+                        "dirties {} ({:.0}% of the link) at {:.0}% CPU; highest cap meeting the goal: {:.0}% -> predicted {} in {} rounds",
+                        fmt_rate(w.rate), w.rate / s.link.bandwidth * 100.0, w.cpu_pct, c, fmt_secs(p.total_s), p.rounds
+                    ));
+                    break;
+                }
+                None => {
+                    desired.insert(*id, s.floor_pct);
+                    why.insert(*id, format!(
+                        "dirties {} ({:.0}% of the link) at {:.0}% CPU; even the {:.0}% floor is not enough alone: capped at the floor",
+                        fmt_rate(w.rate), w.rate / s.link.bandwidth * 100.0, w.cpu_pct, s.floor_pct
+                    ));
+                }
+            }
+        }
+    }
+
+    // Hysteresis against the caps in force.
+    let mut decisions = Vec::new();
+    let mut in_force: BTreeMap<ProcId, f64> = BTreeMap::new();
+    let name = |id: &ProcId| {
+        live.iter()
+            .find(|p| p.id() == *id)
+            .map(|p| p.comm.clone())
+            .unwrap_or_default()
+    };
+    for (id, want) in &desired {
+        st.calm.remove(id);
+        let (action, reason) = match caps.get(id) {
+            Some(have) if (have - want).abs() < s.hysteresis_pct => (
+                Action::Keep { cap_pct: *have },
+                format!(
+                    "{} (keeping {:.0}%: within {:.0} points)",
+                    why[id], have, s.hysteresis_pct
+                ),
+            ),
+            _ => (Action::Cap { cap_pct: *want }, why[id].clone()),
+        };
+        in_force.insert(
+            *id,
+            match action {
+                Action::Keep { cap_pct } | Action::Cap { cap_pct } => cap_pct,
+                Action::Lift => 0.0,
+            },
+        );
+        decisions.push(Decision {
+            pid: id.pid,
+            start_time: id.start_time,
+            comm: name(id),
+            action,
+            reason,
+        });
+    }
+    for (id, have) in caps {
+        if desired.contains_key(id) {
+            continue;
+        }
+        let n = st.calm.entry(*id).or_insert(0);
+        *n += 1;
+        let gone = !live.iter().any(|p| p.id() == *id);
+        if gone || *n >= s.lift_after {
+            st.calm.remove(id);
+            decisions.push(Decision {
+                pid: id.pid,
+                start_time: id.start_time,
+                comm: name(id),
+                action: Action::Lift,
+                reason: if gone {
+                    "process is gone".into()
+                } else {
+                    format!(
+                        "migration meets the goal without this cap for {} intervals",
+                        s.lift_after
+                    )
+                },
+            });
+        } else {
+            in_force.insert(*id, *have);
+            decisions.push(Decision {
+                pid: id.pid,
+                start_time: id.start_time,
+                comm: name(id),
+                action: Action::Keep { cap_pct: *have },
+                reason: format!(
+                    "not needed now ({n}/{} calm intervals before lifting)",
+                    s.lift_after
+                ),
+            });
+        }
+    }
+    // Processes that left the snapshot: forget them.
+    let known: Vec<ProcId> = live.iter().map(|p| p.id()).collect();
+    st.uncapped_cpu
+        .retain(|id, _| known.contains(id) || caps.contains_key(id));
+    let with_caps = eval(&in_force);
+    Outcome {
+        decisions,
+        without_caps,
+        with_caps,
+    }
+}
+
+fn fmt_secs(s: Option<f64>) -> String {
+    s.map_or("no convergence".into(), |s| format!("{s:.1}s"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rank::tests::{proc_, snap};
+
+    fn settings() -> AutoSettings {
+        AutoSettings {
+            link: Link {
+                bandwidth: 12.5e6,
+                ram: 512.0 * 1048576.0,
+                downtime_limit: Duration::from_millis(300),
+                max_rounds: 30,
+            },
+            floor_pct: 15.0,
+            target: None,
+            immp_share: 0.25,
+            hysteresis_pct: 5.0,
+            lift_after: 3,
+        }
+    }
+
+    fn writer(pid: u32, bytes_per_s: f64, cpu: f64) -> ProcSample {
+        let mut p = proc_(pid, bytes_per_s / 4096.0, cpu);
+        p.rss_bytes = 400 << 20;
+        p
+    }
+
+    #[test]
+    fn idle_guest_gets_no_caps() {
+        let s = snap(vec![writer(1, 10_000.0, 3.0)]);
+        let o = decide(
+            &s,
+            &settings(),
+            &BTreeMap::new(),
+            &mut PolicyState::default(),
+        );
+        assert!(o.decisions.is_empty());
+        assert!(o.without_caps.converges);
+    }
+
+    #[test]
+    fn heavy_writer_gets_the_highest_cap_that_converges_and_idle_one_is_left_alone() {
+        let s = snap(vec![writer(1, 20e6, 100.0), writer(2, 50_000.0, 2.0)]);
+        let o = decide(
+            &s,
+            &settings(),
+            &BTreeMap::new(),
+            &mut PolicyState::default(),
+        );
+        assert!(!o.without_caps.converges);
+        assert_eq!(o.decisions.len(), 1, "{:?}", o.decisions);
+        let d = &o.decisions[0];
+        assert_eq!(d.pid, 1);
+        let Action::Cap { cap_pct } = d.action else {
+            panic!("{d:?}")
+        };
+        assert!(cap_pct >= 15.0 && cap_pct < 100.0);
+        assert!(o.with_caps.converges);
+        // The next point up would not converge: it is the highest.
+        let w = Writer {
+            rate: 20e6,
+            working_set: (400 << 20) as f64,
+            cpu_pct: 100.0,
+        };
+        let mut v = vec![(w, Some(cap_pct + 1.0))];
+        v.push((
+            Writer {
+                rate: 50_000.0,
+                working_set: (400 << 20) as f64,
+                cpu_pct: 2.0,
+            },
+            None,
+        ));
+        assert!(!predict(&settings().link, &v).converges);
+        assert!(d.reason.contains("highest cap"), "{}", d.reason);
+    }
+
+    #[test]
+    fn floor_is_respected() {
+        let s = snap(vec![writer(1, 200e6, 100.0)]);
+        let o = decide(
+            &s,
+            &settings(),
+            &BTreeMap::new(),
+            &mut PolicyState::default(),
+        );
+        assert_eq!(o.decisions[0].action, Action::Cap { cap_pct: 15.0 });
+        assert!(o.decisions[0].reason.contains("floor"));
+    }
+
+    #[test]
+    fn hysteresis_keeps_close_caps_and_lifts_only_after_calm_intervals() {
+        let st = &mut PolicyState::default();
+        let s = snap(vec![writer(1, 20e6, 100.0)]);
+        let o = decide(&s, &settings(), &BTreeMap::new(), st);
+        let Action::Cap { cap_pct } = o.decisions[0].action else {
+            panic!()
+        };
+        let id = s.processes[0].id();
+        // Measured while capped: CPU = cap, rate scaled accordingly; decision stays.
+        let mut capped = writer(1, 20e6 * cap_pct / 100.0, cap_pct);
+        capped.start_time = id.start_time;
+        let caps = BTreeMap::from([(id, cap_pct + 2.0)]);
+        let o = decide(&snap(vec![capped.clone()]), &settings(), &caps, st);
+        assert_eq!(
+            o.decisions[0].action,
+            Action::Keep {
+                cap_pct: cap_pct + 2.0
+            }
+        );
+        // The writer calms down: kept for 2 intervals, lifted on the 3rd.
+        let quiet = writer(1, 1000.0, 1.0);
+        for i in 1..=3 {
+            let o = decide(&snap(vec![quiet.clone()]), &settings(), &caps, st);
+            let want = if i < 3 {
+                Action::Keep {
+                    cap_pct: cap_pct + 2.0,
+                }
+            } else {
+                Action::Lift
+            };
+            assert_eq!(o.decisions[0].action, want, "interval {i}");
+        }
+    }
+}
