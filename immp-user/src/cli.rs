@@ -1,5 +1,5 @@
 //! The one command tree: `profile`, `doctor` (and later `throttle`, `restore`, `top`).
-use std::{io::Write as _, time::Duration};
+use std::{io::Write as _, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
@@ -12,6 +12,7 @@ use crate::{
     rank::{RankSettings, rank},
     sampler::Sampler,
     snapshot::ProcId,
+    throttle::MechanismChoice,
     units, usage,
 };
 
@@ -46,6 +47,23 @@ it already dirtied takes no new fault. JSON is the default when stdout is not a 
 Exits non-zero only when immp cannot work at all."
     )]
     Doctor(DoctorArgs),
+    /// Cap processes' CPU live (manual or automatic), and lift the caps when done
+    #[command(after_help = "Examples:\n  \
+  immp throttle --pid 4242 --cap 20% --duration 5m\n  \
+  immp throttle --pid 4242 --pid 4243 --cap 15% --format json\n  \
+  immp throttle --auto --bandwidth 100Mbit --floor 15% --duration 10m\n  \
+  immp throttle --auto --bandwidth 1Gbit --target 60s\n\n\
+A cap is a percentage of one CPU (above 0, at most 100 x CPUs). Caps are lifted on normal exit, \
+Ctrl-C, SIGTERM and panic; after a SIGKILL or a crash run `immp restore`. Every change is written \
+to the journal (--journal-dir) before it is made. Refused, with nothing changed: PID 1, kernel \
+threads, immp itself, unknown PIDs. A process that exits while capped is not an error.")]
+    Throttle(ThrottleArgs),
+    /// Put back every process a crashed or killed immp left capped (reads only the journal)
+    #[command(
+        after_help = "Examples:\n  immp restore\n  immp restore --journal-dir /var/lib/immp --format json\n\n\
+Idempotent: running it twice is harmless. Exit 0 when everything pending was restored."
+    )]
+    Restore(RestoreArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -101,6 +119,92 @@ pub struct DoctorArgs {
     pub format: Option<Format>,
 }
 
+#[derive(Args, Debug, Clone)]
+pub struct ThrottleArgs {
+    /// Process to cap (repeatable)
+    #[arg(long = "pid", value_name = "PID", required_unless_present = "auto")]
+    pub pids: Vec<u32>,
+    /// Manual cap, percent of one CPU (e.g. 20%)
+    #[arg(long, value_parser = parse_cap, required_unless_present = "auto", conflicts_with = "auto")]
+    pub cap: Option<f64>,
+    /// Pick the IMMPs and their caps from the profiler and the migration predictor
+    #[arg(long, requires = "bandwidth")]
+    pub auto: bool,
+    /// Migration link bandwidth (e.g. 100Mbit, 12.5MB/s)
+    #[arg(long, value_parser = units::parse_bandwidth)]
+    pub bandwidth: Option<f64>,
+    /// Lowest cap the automatic policy may set (QoS floor)
+    #[arg(long, default_value = "15%", value_parser = parse_cap)]
+    pub floor: f64,
+    /// Migration time to achieve (e.g. 60s); default: converging at all
+    #[arg(long, value_parser = units::parse_positive_duration)]
+    pub target: Option<Duration>,
+    /// Downtime limit of the migration (stop-and-copy), as in QEMU
+    #[arg(long, default_value = "300ms", value_parser = units::parse_positive_duration)]
+    pub downtime: Duration,
+    /// Guest RAM to migrate (e.g. 512MB); default: this machine's MemTotal
+    #[arg(long, value_parser = parse_bytes)]
+    pub ram: Option<f64>,
+    /// A process dirtying at least this share of the link may be capped
+    #[arg(long, default_value = "25%", value_parser = parse_share)]
+    pub immp_share: f64,
+    /// Lift all caps after this long (e.g. 10m); default: until Ctrl-C
+    #[arg(long, value_parser = units::parse_positive_duration)]
+    pub duration: Option<Duration>,
+    /// Interval of the live lines and of automatic re-evaluation
+    #[arg(long, default_value = "1s", value_parser = units::parse_positive_duration)]
+    pub interval: Duration,
+    /// Output format (default: table on a terminal, json otherwise)
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
+    /// Where the journal and its lock live
+    #[arg(long, env = "IMMP_JOURNAL_DIR", default_value = crate::journal::DEFAULT_DIR)]
+    pub journal_dir: PathBuf,
+    /// How to cap
+    #[arg(long, value_enum, default_value_t = MechanismChoice::Auto)]
+    pub mechanism: MechanismChoice,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RestoreArgs {
+    /// Where the journal and its lock live
+    #[arg(long, env = "IMMP_JOURNAL_DIR", default_value = crate::journal::DEFAULT_DIR)]
+    pub journal_dir: PathBuf,
+    /// Output format (default: table on a terminal, json otherwise)
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
+}
+
+fn parse_cap(s: &str) -> Result<f64, String> {
+    let p = units::parse_percent(s).map_err(|e| e.to_string())?;
+    crate::throttle::validate_cap(p).map_err(|e| e.to_string())
+}
+
+fn parse_bytes(s: &str) -> Result<f64, String> {
+    let err = || format!("'{s}' is not a size (examples: 512MB, 4GiB)");
+    let t = s.trim();
+    let idx = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let n: f64 = t[..idx].parse().map_err(|_| err())?;
+    let mult = match t[idx..].trim() {
+        "" | "B" => 1.0,
+        "kB" | "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "KiB" => 1024.0,
+        "MiB" => 1048576.0,
+        "GiB" => 1073741824.0,
+        _ => return Err(err()),
+    };
+    if n <= 0.0 {
+        return Err(err());
+    }
+    Ok(n * mult)
+}
+
 fn parse_share(s: &str) -> Result<f64, String> {
     let p = units::parse_percent(s).map_err(|e| e.to_string())?;
     if p <= 0.0 || p > 1000.0 {
@@ -113,6 +217,8 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Profile(a) => profile(a),
         Command::Doctor(a) => doctor_cmd(a),
+        Command::Throttle(a) => crate::throttle_cmd::throttle(a),
+        Command::Restore(a) => crate::throttle_cmd::restore(a),
     }
 }
 

@@ -15,6 +15,7 @@ pub mod sampler;
 pub mod snapshot;
 pub mod softdirty;
 pub mod throttle;
+pub mod throttle_cmd;
 pub mod units;
 
 /// Exit codes scripts can test.
