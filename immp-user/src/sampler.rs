@@ -288,13 +288,12 @@ impl Sampler {
             cmdline: procinfo::cmdline(id.pid),
         });
         let (comm, cmdline) = (names.comm.clone(), names.cmdline.clone());
-        // CPU share over the interval; a process first seen now is averaged over its life
-        // or the interval, whichever is shorter.
+        // CPU share over the interval; a process first seen now gets its lifetime average.
         let cpu_pct = match self.cpu_prev.insert(id, st.cpu_ticks) {
             Some(before) => st.cpu_ticks.saturating_sub(before) as f64 / self.tps / dt * 100.0,
             None => {
                 let age = procinfo::uptime_ticks().saturating_sub(id.start_time) as f64 / self.tps;
-                st.cpu_ticks as f64 / self.tps / age.clamp(0.01, dt.max(0.01)) * 100.0
+                st.cpu_ticks as f64 / self.tps / age.max(0.01) * 100.0
             }
         };
         let (rates, bps) = self.rates(d, dt);

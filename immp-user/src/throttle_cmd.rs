@@ -271,17 +271,18 @@ pub fn throttle(a: ThrottleArgs) -> anyhow::Result<i32> {
                 }
                 continue;
             }
-            let dirty = snap
+            let seen = snap
                 .as_ref()
-                .and_then(|s| s.processes.iter().find(|p| p.id() == id))
-                .map(|p| p.dirty_bytes_per_s);
-            let dirty = dirty.or(snap.as_ref().map(|_| 0.0));
+                .and_then(|s| s.processes.iter().find(|p| p.id() == id));
+            let dirty = seen
+                .map(|p| p.dirty_bytes_per_s)
+                .or(snap.as_ref().map(|_| 0.0));
             lines.push(Line {
                 pid: c.pid,
                 start_time: c.start_time,
                 comm: c.comm,
                 cap_pct: c.cap_pct,
-                cpu_pct: cpu.pct(id),
+                cpu_pct: cpu.pct(id).or(seen.map(|p| p.cpu_pct)),
                 dirty_bytes_per_s: dirty,
             });
         }

@@ -13,6 +13,8 @@
 //!   storm N              fork N children that each touch 4 pages and exit at once
 //!   writer PAGES         forever: touch PAGES fresh pages, unmap, repeat (CPU-bound dirtier)
 //!   rewrite PAGES        forever: rewrite the same PAGES pages (no faults after the first pass)
+//!   ring PAGES WORK      forever: drop and re-touch a ring of PAGES pages, WORK spins per page
+//!                        (a decoder-like writer: each touch is a new-page fault, RSS stays PAGES)
 //!   burn                 forever: spin on the CPU, no memory writes
 //!   idle                 forever: touch one fresh page per second
 //!   fault-bench N REPS   map N pages, touch all, unmap, REPS times; prints ns per fault
@@ -196,6 +198,25 @@ fn main() {
             loop {
                 v = v.wrapping_add(1);
                 touch(p, n, v);
+            }
+        }
+        "ring" => {
+            let (n, work) = (arg(&args, 1), arg(&args, 2));
+            let p = map_anon(n);
+            say("ready");
+            let mut x = 1u64;
+            loop {
+                // SAFETY: drops the ring's pages (they read back as zero); p spans n pages.
+                unsafe { libc::madvise(p.cast(), n * pg, libc::MADV_DONTNEED) };
+                for i in 0..n {
+                    for _ in 0..work {
+                        x = std::hint::black_box(
+                            x.wrapping_mul(6364136223846793005).wrapping_add(1),
+                        );
+                    }
+                    // SAFETY: within the ring.
+                    unsafe { ptr::write_volatile(p.add(i * pg), x as u8) };
+                }
             }
         }
         "burn" => {
