@@ -162,14 +162,24 @@ pub fn decide(
     };
     for (id, want) in &desired {
         st.calm.remove(id);
+        // A cap in force is kept when close to the new one, unless keeping it misses the goal.
+        let keep_ok = |have: f64| {
+            let mut trial = desired.clone();
+            trial.insert(*id, have);
+            eval(&trial).within(s.target)
+        };
         let (action, reason) = match caps.get(id) {
-            Some(have) if (have - want).abs() < s.hysteresis_pct => (
-                Action::Keep { cap_pct: *have },
-                format!(
-                    "{} (keeping {:.0}%: within {:.0} points)",
-                    why[id], have, s.hysteresis_pct
-                ),
-            ),
+            Some(have)
+                if (have - want).abs() < s.hysteresis_pct && (have <= want || keep_ok(*have)) =>
+            {
+                (
+                    Action::Keep { cap_pct: *have },
+                    format!(
+                        "{} (keeping {:.0}%: within {:.0} points)",
+                        why[id], have, s.hysteresis_pct
+                    ),
+                )
+            }
             _ => (Action::Cap { cap_pct: *want }, why[id].clone()),
         };
         in_force.insert(
@@ -339,15 +349,25 @@ mod tests {
             panic!()
         };
         let id = s.processes[0].id();
-        // Measured while capped: CPU = cap, rate scaled accordingly; decision stays.
+        // Measured while capped: CPU = cap, rate scaled accordingly.
         let mut capped = writer(1, 20e6 * cap_pct / 100.0, cap_pct);
         capped.start_time = id.start_time;
-        let caps = BTreeMap::from([(id, cap_pct + 2.0)]);
+        // A slightly looser cap would miss the goal (the chosen one is the highest meeting it):
+        // it is tightened despite the hysteresis.
+        let looser = BTreeMap::from([(id, cap_pct + 2.0)]);
+        let o = decide(&snap(vec![capped.clone()]), &settings(), &looser, st);
+        assert!(
+            matches!(o.decisions[0].action, Action::Cap { .. }),
+            "{:?}",
+            o.decisions[0]
+        );
+        // A slightly tighter one is kept: no flapping.
+        let caps = BTreeMap::from([(id, cap_pct - 2.0)]);
         let o = decide(&snap(vec![capped.clone()]), &settings(), &caps, st);
         assert_eq!(
             o.decisions[0].action,
             Action::Keep {
-                cap_pct: cap_pct + 2.0
+                cap_pct: cap_pct - 2.0
             }
         );
         // The writer calms down: kept for 2 intervals, lifted on the 3rd.
@@ -356,7 +376,7 @@ mod tests {
             let o = decide(&snap(vec![quiet.clone()]), &settings(), &caps, st);
             let want = if i < 3 {
                 Action::Keep {
-                    cap_pct: cap_pct + 2.0,
+                    cap_pct: cap_pct - 2.0,
                 }
             } else {
                 Action::Lift

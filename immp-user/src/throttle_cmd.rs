@@ -242,7 +242,7 @@ pub fn throttle(a: ThrottleArgs) -> anyhow::Result<i32> {
                     }
                     Action::Keep { .. } => false,
                 };
-                if changed {
+                if changed || out.json {
                     out.emit("decision", json!(d), || {
                         let what = match d.action {
                             Action::Cap { cap_pct } => format!("cap {cap_pct:.0}%"),

@@ -25,12 +25,18 @@ pub enum Which {
         #[arg(long, default_value_t = 20)]
         seconds: u64,
     },
+    /// CPU caps of 10/20/50 %: share and jitter per 100 ms, immp's cgroup cap vs SIGSTOP/SIGCONT
+    Cap {
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
 }
 
 pub fn run(w: Which) -> anyhow::Result<()> {
     match w {
         Which::Overhead { rounds } => overhead(rounds),
         Which::Agent { procs, seconds } => agent(procs, seconds),
+        Which::Cap { seconds } => cap(seconds),
     }
 }
 
@@ -220,5 +226,119 @@ fn agent(procs: usize, seconds: u64) -> anyhow::Result<()> {
         cpu / 1.0,
         rss as f64 / 1024.0 / 30.0
     );
+    Ok(())
+}
+
+fn schedstat_ns(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Share of one CPU in each 100 ms slice over `seconds`: (mean %, stdev in points).
+fn shares(pid: u32, seconds: u64) -> (f64, f64) {
+    let mut v = Vec::new();
+    let mut last = (Instant::now(), schedstat_ns(pid));
+    let end = Instant::now() + Duration::from_secs(seconds);
+    while Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = (Instant::now(), schedstat_ns(pid));
+        v.push((now.1 - last.1) as f64 / now.0.duration_since(last.0).as_nanos() as f64 * 100.0);
+        last = now;
+    }
+    let mean = v.iter().sum::<f64>() / v.len() as f64;
+    let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / v.len() as f64;
+    (mean, var.sqrt())
+}
+
+fn capped_run(method: &str, target: f64, seconds: u64) -> anyhow::Result<(f64, f64)> {
+    let mut w = Command::new(release_bin("immp-workload"))
+        .arg("burn")
+        .stdout(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()?;
+    let mut l = String::new();
+    BufReader::new(w.stdout.as_mut().expect("stdout")).read_line(&mut l)?;
+    let pid = w.id().to_string();
+    let jdir = std::env::temp_dir().join(format!("immp-bench-cap-{}", std::process::id()));
+    let cap = format!("{target}%");
+    let mut c = match method {
+        "cpulimit" => Command::new("cpulimit")
+            .args(["-p", &pid, "-l", &format!("{target:.0}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+        m => Command::new(release_bin("immp"))
+            .args([
+                "throttle",
+                "--pid",
+                &pid,
+                "--cap",
+                &cap,
+                "--mechanism",
+                m,
+                "--format",
+                "json",
+            ])
+            .env("IMMP_JOURNAL_DIR", &jdir)
+            .stdout(Stdio::null())
+            .spawn()?,
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    let r = shares(w.id(), seconds);
+    // SAFETY: kill(2) on our own children.
+    unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    let _ = c.wait();
+    let _ = w.kill();
+    let _ = w.wait();
+    Ok(r)
+}
+
+fn cap(seconds: u64) -> anyhow::Result<()> {
+    let has_cpulimit = Command::new("cpulimit").arg("--help").output().is_ok();
+    let mut methods = vec![("immp cgroup", "auto"), ("immp signal", "signal")];
+    if has_cpulimit {
+        methods.push(("cpulimit", "cpulimit"));
+    }
+    println!(
+        "bench cap: a CPU-bound child capped at 10/20/50 % of one CPU, share per 100 ms over {seconds} s (schedstat)"
+    );
+    println!(
+        "  {:<12} {:>7} {:>9} {:>8} {:>12}",
+        "method", "target", "measured", "error", "jitter(sd)"
+    );
+    let mut results: Vec<(&str, f64, f64, f64)> = Vec::new();
+    for target in [10.0, 20.0, 50.0] {
+        for (name, m) in &methods {
+            let (mean, sd) = capped_run(m, target, seconds)?;
+            println!(
+                "  {name:<12} {target:>6.0}% {mean:>8.1}% {:>+7.1} {sd:>11.1}",
+                mean - target
+            );
+            results.push((name, target, mean, sd));
+        }
+    }
+    let by = |n: &str, t: f64| results.iter().find(|r| r.0 == n && r.1 == t).copied();
+    for target in [10.0, 20.0, 50.0] {
+        let Some(c) = by("immp cgroup", target) else {
+            continue;
+        };
+        let within = (c.2 - target).abs() <= 1.0;
+        let base = by("cpulimit", target)
+            .or(by("immp signal", target))
+            .expect("a signal method");
+        println!(
+            "  {target:.0}%: immp error {:+.1} points ({}), jitter ratio immp/{}: {:.2}",
+            c.2 - target,
+            if within {
+                "within 1 point"
+            } else {
+                "MISSES 1 point"
+            },
+            base.0,
+            c.3 / base.3.max(1e-9)
+        );
+    }
     Ok(())
 }
