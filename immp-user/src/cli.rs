@@ -10,8 +10,8 @@ use crate::{
     probes::{FlavourChoice, ProbeOptions, Probes},
     procinfo,
     rank::{RankSettings, rank},
-    sampler::Sampler,
-    snapshot::ProcId,
+    sampler::{ModeChoice, Sampler, SamplerOptions},
+    snapshot::{ProcId, Snapshot},
     throttle::MechanismChoice,
     units, usage,
 };
@@ -110,6 +110,49 @@ pub struct ProfileArgs {
     pub format: Option<Format>,
     #[command(flatten)]
     pub probe: ProbeArgs,
+    #[command(flatten)]
+    pub exact: ExactArgs,
+    /// Guest RAM for the migration prediction (e.g. 512MB); default: MemTotal
+    #[arg(long, value_parser = parse_bytes)]
+    pub ram: Option<f64>,
+    /// Downtime limit of the migration (stop-and-copy), as in QEMU
+    #[arg(long, default_value = "300ms", value_parser = units::parse_positive_duration)]
+    pub downtime: Duration,
+    /// Measure the dirty curve: distinct pages per window, for these increasing window lengths
+    /// (e.g. 0.1s,0.25s,0.5s,1s,2s,4s); one output per sweep
+    #[arg(long, value_parser = parse_windows)]
+    pub curve: Option<Windows>,
+}
+
+/// Exact mode: soft-dirty windows.
+#[derive(Args, Debug, Clone)]
+pub struct ExactArgs {
+    /// auto: exact where soft-dirty works; exact: refuse to run without it; bounds: faults only.
+    /// Exact mode writes one thing: it clears the soft-dirty bits of the processes it measures
+    /// (`echo 4 > /proc/PID/clear_refs`), harmless to them
+    #[arg(long, value_enum, default_value_t = ModeChoice::Auto)]
+    pub mode: ModeChoice,
+    /// Re-arm at most this many of the busiest writers per window (plus every --pid)
+    #[arg(long, default_value_t = 64)]
+    pub exact_max: usize,
+    /// Cross-check one process's exact count against its pagemap soft-dirty bits every window
+    #[arg(long, value_name = "PID")]
+    pub verify: Option<u32>,
+}
+
+/// Window lengths, strictly increasing.
+#[derive(Debug, Clone)]
+pub struct Windows(pub Vec<Duration>);
+
+fn parse_windows(s: &str) -> Result<Windows, String> {
+    let v: Vec<Duration> = s
+        .split(',')
+        .map(|w| units::parse_positive_duration(w.trim()).map_err(|e| e.to_string()))
+        .collect::<Result<_, _>>()?;
+    if v.windows(2).any(|p| p[1] <= p[0]) {
+        return Err(format!("'{s}': window lengths must be strictly increasing"));
+    }
+    Ok(Windows(v))
 }
 
 #[derive(Args, Debug, Clone)]
@@ -239,6 +282,15 @@ pub fn tick_loop(
     duration: Option<Duration>,
     mut f: impl FnMut() -> anyhow::Result<bool>,
 ) -> anyhow::Result<()> {
+    run_loop(interval, duration, || Ok(f()?.then_some(interval)))
+}
+
+/// Like `tick_loop`, but `f` says how long to wait before its next call (`None`: stop).
+pub fn run_loop(
+    first: Duration,
+    duration: Option<Duration>,
+    mut f: impl FnMut() -> anyhow::Result<Option<Duration>>,
+) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -246,17 +298,21 @@ pub fn tick_loop(
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
         let start = tokio::time::Instant::now();
-        let mut tick = tokio::time::interval_at(start + interval, interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut next = start + first;
         loop {
             tokio::select! {
-                _ = tick.tick() => {
-                    if !f()? { return Ok(()); }
-                    if duration.is_some_and(|d| start.elapsed() + interval / 2 >= d) { return Ok(()); }
+                _ = tokio::time::sleep_until(next) => {
+                    let Some(wait) = f()? else { return Ok(()) };
+                    if duration.is_some_and(|d| start.elapsed() + wait / 2 >= d) { return Ok(()); }
+                    next += wait;
+                    let now = tokio::time::Instant::now();
+                    if next < now { next = now; }
                 }
                 _ = term.recv() => return Ok(()),
                 _ = int.recv() => return Ok(()),
+                _ = hup.recv() => return Ok(()),
             }
         }
     })
@@ -265,31 +321,90 @@ pub fn tick_loop(
 fn profile(a: ProfileArgs) -> anyhow::Result<i32> {
     crate::require_root()?;
     let watch = resolve_pids(&a.pids)?;
+    let verify = match a.exact.verify {
+        Some(pid) => Some(
+            procinfo::stat(pid)
+                .map(|s| s.id)
+                .ok_or_else(|| usage(format!("--verify: no process with PID {pid}")))?,
+        ),
+        None => None,
+    };
+    if a.exact.verify.is_some() && a.exact.mode == ModeChoice::Bounds {
+        return Err(usage("--verify needs --mode exact or auto"));
+    }
     let probes = Probes::load(&a.probe.options())
         .map_err(|e| crate::environment(format!("cannot attach kernel probes: {e:#}")))?;
+    let flavour = probes.report.flavour;
+    let opts = SamplerOptions {
+        mode: a.exact.mode,
+        exact_max: a.exact.exact_max,
+        verify,
+    };
+    let mut sampler = Sampler::with_options(probes, watch.clone(), &opts)?;
     let format = Format::resolve(a.format);
     if format == Format::Table {
         eprintln!(
-            "immp: profiling with {:?} probes every {}{}; Ctrl-C to stop",
-            probes.report.flavour,
-            units::fmt_duration(a.interval),
+            "immp: profiling ({}, {:?} probes) every {}{}; Ctrl-C to stop",
+            if sampler.is_exact() {
+                "exact: soft-dirty windows"
+            } else {
+                "lower bounds: no soft-dirty"
+            },
+            flavour,
+            a.curve.as_ref().map_or_else(
+                || units::fmt_duration(a.interval),
+                |w| format!("curve sweep of {} windows", w.0.len())
+            ),
             a.duration
                 .map(|d| format!(" for {}", units::fmt_duration(d)))
                 .unwrap_or_default()
         );
     }
-    let mut sampler = Sampler::new(probes, watch.clone());
     let settings = RankSettings {
         bandwidth: a.bandwidth,
         immp_share: a.immp_share,
     };
+    let link = a.bandwidth.map(|bw| crate::predict::Link {
+        bandwidth: bw,
+        ram: a.ram.unwrap_or_else(crate::throttle_cmd::mem_total),
+        downtime_limit: a.downtime,
+        max_rounds: 30,
+    });
     let mut printer = Printer::new(std::io::stdout().lock(), format, a.top.max(1));
-    let res = tick_loop(a.interval, a.duration, || {
+    let windows = a.curve.map(|w| w.0);
+    // With a curve, one output per sweep: sample at the end of each window (each sample
+    // re-arms, so each window is measured on its own) and attach the curve to the last one.
+    let mut sweep: Vec<Snapshot> = Vec::new();
+    let first = windows.as_ref().map_or(a.interval, |w| w[0]);
+    let res = run_loop(first, a.duration, || {
         let snap = sampler.sample();
-        let ranking = rank(&snap, &settings);
-        if let Err(e) = printer.interval(&snap, &ranking, a.bandwidth) {
+        let snap = match &windows {
+            None => snap,
+            Some(w) => {
+                sweep.push(snap);
+                if sweep.len() < w.len() {
+                    return Ok(Some(w[sweep.len()]));
+                }
+                crate::sampler::with_curve(std::mem::take(&mut sweep))
+            }
+        };
+        let mut ranking = rank(&snap, &settings);
+        let assessment = link
+            .as_ref()
+            .map(|l| crate::policy::assess(&snap, l, None, a.top.max(1)));
+        if let Some(asmt) = &assessment {
+            for r in &mut ranking.processes {
+                r.impact = asmt.impacts.get(&r.proc_.id()).copied();
+            }
+        }
+        if let Err(e) = printer.interval_with(
+            &snap,
+            &ranking,
+            a.bandwidth,
+            assessment.map(|x| x.prediction),
+        ) {
             if e.kind() == std::io::ErrorKind::BrokenPipe {
-                return Ok(false); // reader went away (e.g. `| head`): a normal end
+                return Ok(None); // reader went away (e.g. `| head`): a normal end
             }
             return Err(e).context("writing output");
         }
@@ -300,7 +415,7 @@ fn profile(a: ProfileArgs) -> anyhow::Result<i32> {
                 .iter()
                 .filter(|p| watch.contains(&p.id()))
                 .all(|p| p.gone);
-        Ok(!all_gone)
+        Ok((!all_gone).then(|| windows.as_ref().map_or(a.interval, |w| w[0])))
     });
     res.map(|_| crate::exit::OK)
 }

@@ -47,6 +47,12 @@ pub struct IntervalJson<'a> {
     pub link_share: Option<f64>,
     pub totals: &'a Totals,
     pub health: &'a Health,
+    pub exact_armed: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify: Option<crate::snapshot::Verify>,
+    /// Predicted pre-copy migration (with --bandwidth).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prediction: Option<crate::predict::Prediction>,
     pub processes: &'a [Ranked<'a>],
 }
 
@@ -73,6 +79,16 @@ impl<W: Write> Printer<W> {
         ranking: &Ranking<'_>,
         bandwidth: Option<f64>,
     ) -> std::io::Result<()> {
+        self.interval_with(snap, ranking, bandwidth, None)
+    }
+
+    pub fn interval_with(
+        &mut self,
+        snap: &Snapshot,
+        ranking: &Ranking<'_>,
+        bandwidth: Option<f64>,
+        prediction: Option<crate::predict::Prediction>,
+    ) -> std::io::Result<()> {
         let n = ranking.processes.len().min(self.top);
         let procs = &ranking.processes[..n];
         match self.format {
@@ -90,13 +106,16 @@ impl<W: Write> Printer<W> {
                     link_share: ranking.link_share,
                     totals: &snap.totals,
                     health: &snap.health,
+                    exact_armed: snap.exact_armed,
+                    verify: snap.verify,
+                    prediction,
                     processes: procs,
                 };
                 serde_json::to_writer(&mut self.out, &j)?;
                 writeln!(self.out)?;
             }
             Format::Csv => self.csv(snap, procs)?,
-            Format::Table => self.table(snap, ranking, procs, bandwidth)?,
+            Format::Table => self.table(snap, ranking, procs, bandwidth, prediction)?,
         }
         self.out.flush()
     }
@@ -160,6 +179,7 @@ impl<W: Write> Printer<W> {
         ranking: &Ranking<'_>,
         procs: &[Ranked<'_>],
         bandwidth: Option<f64>,
+        prediction: Option<crate::predict::Prediction>,
     ) -> std::io::Result<()> {
         let o = &mut self.out;
         let link = match (bandwidth, ranking.link_share) {
@@ -167,8 +187,8 @@ impl<W: Write> Printer<W> {
                 " = {:.0}% of a {} link{}",
                 share * 100.0,
                 fmt_rate(bw),
-                if share >= 1.0 {
-                    ": pre-copy cannot converge"
+                if share >= 1.0 && prediction.is_none() {
+                    ": faster than the link"
                 } else {
                     ""
                 }
@@ -193,6 +213,29 @@ impl<W: Write> Printer<W> {
             fmt_rate(snap.totals.dirty_bytes_per_s),
             link
         )?;
+        if let Some(p) = prediction {
+            match p.total_s {
+                Some(t) => writeln!(
+                    o,
+                    "prediction: migration converges in {t:.1}s ({} rounds, downtime {:.0}ms, {} sent)",
+                    p.rounds,
+                    p.downtime_s.unwrap_or(0.0) * 1e3,
+                    fmt_bytes(p.bytes_sent)
+                )?,
+                None => writeln!(
+                    o,
+                    "prediction: migration does NOT converge ({} rounds tried)",
+                    p.rounds
+                )?,
+            }
+        }
+        if let Some(v) = snap.verify {
+            writeln!(
+                o,
+                "verify PID {}: counted {} pages, pagemap soft-dirty {} pages",
+                v.pid, v.counted_pages, v.soft_dirty_pages
+            )?;
+        }
         let h = &snap.health;
         if h.map_full > 0 || h.exit_lost > 0 {
             writeln!(
@@ -203,7 +246,7 @@ impl<W: Write> Printer<W> {
         }
         writeln!(
             o,
-            "{:>7} {:<16} {:>11} {:>9} {:>9} {:>9} {:>9} {:>6} {:>9} {:>6} {:<7} CGROUP",
+            "{:>7} {:<16} {:>11} {:>9} {:>9} {:>9} {:>9} {:>6} {:>9} {:>6} {:<7} {:>7} CGROUP",
             "PID",
             "COMM",
             "DIRTY",
@@ -214,13 +257,14 @@ impl<W: Write> Printer<W> {
             "CPU%",
             "RSS",
             "LINK%",
-            "VERDICT"
+            "VERDICT",
+            "CAP-OK"
         )?;
         for r in procs {
             let p = r.proc_;
             writeln!(
                 o,
-                "{:>7} {:<16} {:>11} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>6.1} {:>9} {:>6} {:<7} {}",
+                "{:>7} {:<16} {:>11} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>6.1} {:>9} {:>6} {:<7} {:>7} {}",
                 p.pid,
                 if p.gone {
                     format!("{} (gone)", p.comm)
@@ -240,6 +284,9 @@ impl<W: Write> Printer<W> {
                 r.verdict
                     .map(|v| format!("{v:?}").to_lowercase())
                     .unwrap_or_else(|| "-".into()),
+                r.impact
+                    .and_then(|i| i.cap_to_converge)
+                    .map_or_else(|| "-".into(), |c| format!("{c:.0}%")),
                 p.cgroup
             )?;
         }

@@ -59,7 +59,8 @@ pub struct Outcome {
     pub with_caps: Prediction,
 }
 
-fn writer_for(p: &ProcSample, st: &mut PolicyState, capped: bool) -> Writer {
+/// The predictor's view of one process; `page` converts curve pages to bytes.
+pub fn writer_for(p: &ProcSample, st: &mut PolicyState, capped: bool, page: f64) -> Writer {
     let id = p.id();
     if !capped {
         st.uncapped_cpu.insert(id, p.cpu_pct.max(1.0));
@@ -72,6 +73,11 @@ fn writer_for(p: &ProcSample, st: &mut PolicyState, capped: bool) -> Writer {
         rate: k * cpu,
         working_set: p.rss_bytes.max(4096) as f64,
         cpu_pct: cpu,
+        curve: p
+            .curve
+            .iter()
+            .map(|c| (c.window_s, c.pages * page))
+            .collect(),
     }
 }
 
@@ -85,23 +91,25 @@ pub fn decide(
     let writers: Vec<(ProcId, &ProcSample, Writer)> = live
         .iter()
         .filter(|p| p.dirty_bytes_per_s > 0.0 || caps.contains_key(&p.id()))
-        .map(|p| (p.id(), *p, writer_for(p, st, caps.contains_key(&p.id()))))
+        .map(|p| {
+            (
+                p.id(),
+                *p,
+                writer_for(p, st, caps.contains_key(&p.id()), snap.page_size as f64),
+            )
+        })
         .collect();
     // The rest of the guest: dirtying not attributed to a live process (short-lived ones).
     let named: f64 = writers.iter().map(|(_, p, _)| p.dirty_bytes_per_s).sum();
     let rest = (snap.totals.dirty_bytes_per_s - named).max(0.0);
-    let background = Writer {
-        rate: rest,
-        working_set: s.link.ram,
-        cpu_pct: 0.0,
-    };
+    let background = Writer::linear(rest, s.link.ram, 0.0);
 
     let eval = |chosen: &BTreeMap<ProcId, f64>| -> Prediction {
         let mut v: Vec<(Writer, Option<f64>)> = writers
             .iter()
-            .map(|(id, _, w)| (*w, chosen.get(id).copied()))
+            .map(|(id, _, w)| (w.clone(), chosen.get(id).copied()))
             .collect();
-        v.push((background, None));
+        v.push((background.clone(), None));
         predict(&s.link, &v)
     };
     let without_caps = eval(&BTreeMap::new());
@@ -309,20 +317,9 @@ mod tests {
         assert!(cap_pct >= 15.0 && cap_pct < 100.0);
         assert!(o.with_caps.converges);
         // The next point up would not converge: it is the highest.
-        let w = Writer {
-            rate: 20e6,
-            working_set: (400 << 20) as f64,
-            cpu_pct: 100.0,
-        };
+        let w = Writer::linear(20e6, (400 << 20) as f64, 100.0);
         let mut v = vec![(w, Some(cap_pct + 1.0))];
-        v.push((
-            Writer {
-                rate: 50_000.0,
-                working_set: (400 << 20) as f64,
-                cpu_pct: 2.0,
-            },
-            None,
-        ));
+        v.push((Writer::linear(50_000.0, (400 << 20) as f64, 2.0), None));
         assert!(!predict(&settings().link, &v).converges);
         assert!(d.reason.contains("highest cap"), "{}", d.reason);
     }
@@ -383,5 +380,75 @@ mod tests {
             };
             assert_eq!(o.decisions[0].action, want, "interval {i}");
         }
+    }
+}
+
+/// What one process does to the predicted migration.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Impact {
+    /// Share of the predicted migration due to it: the prediction without its dirtying.
+    pub without_it: Prediction,
+    /// Highest cap (percent of one CPU) that, applied to it alone, meets the goal; `None` when
+    /// no cap is needed or none would do.
+    pub cap_to_converge: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Assessment {
+    pub prediction: Prediction,
+    #[serde(skip)]
+    pub impacts: BTreeMap<ProcId, Impact>,
+}
+
+/// The migration predicted from a snapshot, and each of the `top` busiest writers' part in it.
+pub fn assess(snap: &Snapshot, link: &Link, target: Option<Duration>, top: usize) -> Assessment {
+    let st = &mut PolicyState::default();
+    let page = snap.page_size as f64;
+    let mut writers: Vec<(ProcId, Writer)> = snap
+        .processes
+        .iter()
+        .filter(|p| !p.gone && p.dirty_bytes_per_s > 0.0)
+        .map(|p| (p.id(), writer_for(p, st, false, page)))
+        .collect();
+    writers.sort_by(|a, b| b.1.rate.total_cmp(&a.1.rate));
+    let named: f64 = writers.iter().map(|(_, w)| w.rate).sum();
+    let rest = (snap.totals.dirty_bytes_per_s - named).max(0.0);
+    let eval = |skip: Option<ProcId>, cap: Option<(ProcId, f64)>| {
+        let mut v: Vec<(Writer, Option<f64>)> = writers
+            .iter()
+            .filter(|(id, _)| Some(*id) != skip)
+            .map(|(id, w)| (w.clone(), cap.filter(|c| c.0 == *id).map(|c| c.1)))
+            .collect();
+        v.push((Writer::linear(rest, link.ram, 0.0), None));
+        predict(link, &v)
+    };
+    let prediction = eval(None, None);
+    let mut impacts = BTreeMap::new();
+    for (id, w) in writers.iter().take(top) {
+        let cap_to_converge = if prediction.within(target) {
+            None
+        } else {
+            let mut c = w.cpu_pct.floor();
+            let mut found = None;
+            while c >= 1.0 {
+                if eval(None, Some((*id, c))).within(target) {
+                    found = Some(c);
+                    break;
+                }
+                c -= 1.0;
+            }
+            found
+        };
+        impacts.insert(
+            *id,
+            Impact {
+                without_it: eval(Some(*id), None),
+                cap_to_converge,
+            },
+        );
+    }
+    Assessment {
+        prediction,
+        impacts,
     }
 }

@@ -20,7 +20,7 @@ pub struct Link {
     pub max_rounds: u32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Writer {
     /// Dirty rate uncapped, bytes/s.
     pub rate: f64,
@@ -28,9 +28,37 @@ pub struct Writer {
     pub working_set: f64,
     /// CPU share it uses uncapped, percent of one CPU.
     pub cpu_pct: f64,
+    /// Measured distinct bytes dirtied per window length (window_s, bytes), increasing windows;
+    /// empty: `rate x t`.
+    pub curve: Vec<(f64, f64)>,
 }
 
 impl Writer {
+    pub fn linear(rate: f64, working_set: f64, cpu_pct: f64) -> Self {
+        Self {
+            rate,
+            working_set,
+            cpu_pct,
+            curve: Vec::new(),
+        }
+    }
+
+    /// Distinct bytes dirtied in a round of `t` seconds. A cap slows the process down: in `t`
+    /// it does what it would do uncapped in `t x cap / cpu` (for a streaming writer that is the
+    /// rate scaled by the cap; for a rewriter of a small buffer it changes little).
+    pub fn dirtied(&self, t: f64, cap_pct: Option<f64>) -> f64 {
+        let scale = match cap_pct {
+            Some(c) if self.cpu_pct > 0.0 && c < self.cpu_pct => c / self.cpu_pct,
+            _ => 1.0,
+        };
+        let te = t * scale;
+        let bytes = match self.curve.as_slice() {
+            [] => self.rate * te,
+            pts => interpolate(pts, te),
+        };
+        bytes.min(self.working_set).max(0.0)
+    }
+
     /// Dirty rate under a CPU cap: proportional to the CPU it gets (measured on real capped
     /// writers in the tests; a writer that is not CPU-bound is unaffected until the cap bites).
     pub fn rate_at(&self, cap_pct: Option<f64>) -> f64 {
@@ -59,11 +87,35 @@ impl Prediction {
     }
 }
 
+/// Piecewise linear through (0, 0) and the points; beyond the last point, the last segment's
+/// slope continues (a saturated curve stays flat).
+fn interpolate(pts: &[(f64, f64)], t: f64) -> f64 {
+    let mut prev = (0.0, 0.0);
+    for &(w, b) in pts {
+        if t <= w {
+            let f = if w > prev.0 {
+                (t - prev.0) / (w - prev.0)
+            } else {
+                1.0
+            };
+            return prev.1 + f * (b - prev.1);
+        }
+        prev = (w, b);
+    }
+    let n = pts.len();
+    let slope = if n >= 2 {
+        ((pts[n - 1].1 - pts[n - 2].1) / (pts[n - 1].0 - pts[n - 2].0)).max(0.0)
+    } else {
+        pts[0].1 / pts[0].0
+    };
+    prev.1 + slope * (t - prev.0)
+}
+
 pub fn predict(link: &Link, writers: &[(Writer, Option<f64>)]) -> Prediction {
     let dirtied = |t: f64| -> f64 {
         writers
             .iter()
-            .map(|(w, cap)| (w.rate_at(*cap) * t).min(w.working_set))
+            .map(|(w, cap)| w.dirtied(t, *cap))
             .sum::<f64>()
             .min(link.ram)
     };
@@ -121,27 +173,19 @@ mod tests {
 
     #[test]
     fn writer_faster_than_link_never_converges() {
-        let w = Writer {
-            rate: 20e6,
-            working_set: 400e6,
-            cpu_pct: 100.0,
-        };
-        let p = predict(&link(), &[(w, None)]);
+        let w = Writer::linear(20e6, 400e6, 100.0);
+        let p = predict(&link(), &[(w.clone(), None)]);
         assert!(!p.converges);
         assert_eq!(p.total_s, None);
     }
 
     #[test]
     fn slower_writer_converges_after_more_rounds_and_cap_helps() {
-        let w = Writer {
-            rate: 6.6e6,
-            working_set: 192.0 * 1048576.0,
-            cpu_pct: 100.0,
-        };
-        let uncapped = predict(&link(), &[(w, None)]);
+        let w = Writer::linear(6.6e6, 192.0 * 1048576.0, 100.0);
+        let uncapped = predict(&link(), &[(w.clone(), None)]);
         assert!(uncapped.converges);
         assert!(uncapped.rounds > 3);
-        let capped = predict(&link(), &[(w, Some(20.0))]);
+        let capped = predict(&link(), &[(w.clone(), Some(20.0))]);
         assert!(capped.converges);
         assert!(capped.total_s.unwrap() < uncapped.total_s.unwrap());
         assert!(capped.rounds < uncapped.rounds);
@@ -150,23 +194,50 @@ mod tests {
     #[test]
     fn rewriter_bounded_by_working_set() {
         // Rewrites a 1 MB buffer at a huge rate: never more than 1 MB per round.
-        let w = Writer {
-            rate: 1e9,
-            working_set: 1e6,
-            cpu_pct: 100.0,
-        };
-        let p = predict(&link(), &[(w, None)]);
+        let w = Writer::linear(1e9, 1e6, 100.0);
+        let p = predict(&link(), &[(w.clone(), None)]);
         assert!(p.converges, "1 MB fits a 300 ms downtime at 12.5 MB/s");
         assert!(p.rounds <= 2);
     }
 
     #[test]
-    fn cap_scales_rate_only_when_it_bites() {
+    fn curve_of_a_rewriter_saturates_and_a_cap_barely_helps_it() {
+        // Rewrites a 10 MB buffer every 0.5 s: 10 MB in any window >= 0.5 s.
+        let pts = vec![
+            (0.1, 2e6),
+            (0.25, 5e6),
+            (0.5, 10e6),
+            (1.0, 10e6),
+            (2.0, 10e6),
+            (4.0, 10e6),
+        ];
         let w = Writer {
-            rate: 10e6,
-            working_set: 1e9,
-            cpu_pct: 50.0,
+            rate: 20e6,
+            working_set: 50e6,
+            cpu_pct: 100.0,
+            curve: pts,
         };
+        assert!((w.dirtied(0.3, None) - 6e6).abs() < 1.0);
+        assert_eq!(w.dirtied(30.0, None), 10e6, "flat beyond the last window");
+        assert_eq!(
+            w.dirtied(4.0, Some(50.0)),
+            10e6,
+            "capped: 4 s act like 2 s, still 10 MB"
+        );
+        assert!((w.dirtied(0.5, Some(50.0)) - 5e6).abs() < 1.0);
+        let streaming = Writer {
+            curve: vec![(1.0, 5e6), (2.0, 10e6)],
+            ..Writer::linear(5e6, 1e9, 100.0)
+        };
+        assert!(
+            (streaming.dirtied(10.0, None) - 50e6).abs() < 1.0,
+            "linear continuation"
+        );
+    }
+
+    #[test]
+    fn cap_scales_rate_only_when_it_bites() {
+        let w = Writer::linear(10e6, 1e9, 50.0);
         assert_eq!(w.rate_at(None), 10e6);
         assert_eq!(w.rate_at(Some(80.0)), 10e6);
         assert_eq!(w.rate_at(Some(25.0)), 5e6);

@@ -39,6 +39,9 @@ pub struct Ranked<'a> {
     pub link_share: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub verdict: Option<Verdict>,
+    /// Its part in the predicted migration (profile with --bandwidth).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub impact: Option<crate::policy::Impact>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -75,6 +78,7 @@ pub fn rank<'a>(snap: &'a Snapshot, s: &RankSettings) -> Ranking<'a> {
                 proc_: p,
                 link_share,
                 verdict,
+                impact: None,
             }
         })
         .collect();
@@ -108,6 +112,8 @@ pub(crate) mod tests {
             rss_bytes: 0,
             cgroup: "/".into(),
             gone: false,
+            exact: false,
+            curve: Vec::new(),
         }
     }
 
@@ -122,6 +128,8 @@ pub(crate) mod tests {
             folio_pages_known: true,
             page_size: 4096,
             health: Health::default(),
+            exact_armed: 0,
+            verify: None,
             totals: Totals {
                 dirty_bytes_per_s: total,
                 dirty_pages_per_s: total / 4096.0,

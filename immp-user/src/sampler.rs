@@ -10,7 +10,7 @@ use immp_common::Counters;
 use crate::{
     probes::{KernelStats, Probes},
     procinfo,
-    snapshot::{Health, Mode, ProcId, ProcSample, Rates, Snapshot, Totals},
+    snapshot::{Health, Mode, ProcId, ProcSample, Rates, Snapshot, Totals, Verify},
 };
 
 /// A process that lived less than one interval gets its own row when it dirtied at least
@@ -29,8 +29,46 @@ struct Names {
     cmdline: String,
 }
 
+/// Which measurement to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ModeChoice {
+    /// Exact where the kernel has soft-dirty, lower bounds otherwise
+    #[default]
+    Auto,
+    /// Soft-dirty windows; refused on kernels without soft-dirty
+    Exact,
+    /// Fault counting only (writes nothing to any process)
+    Bounds,
+}
+
+#[derive(Debug, Clone)]
+pub struct SamplerOptions {
+    pub mode: ModeChoice,
+    /// At most this many processes are re-armed per window (the busiest writers), plus every
+    /// watched one: re-arming walks a process's page tables, a cost that grows with its RSS.
+    pub exact_max: usize,
+    /// Cross-check this process's counts against pagemap every window (exact mode only).
+    pub verify: Option<ProcId>,
+}
+
+impl Default for SamplerOptions {
+    fn default() -> Self {
+        Self {
+            mode: ModeChoice::Auto,
+            exact_max: 64,
+            verify: None,
+        }
+    }
+}
+
 pub struct Sampler {
     probes: Probes,
+    /// Soft-dirty arming is on (exact mode).
+    exact: bool,
+    exact_max: usize,
+    /// Processes armed at the start of the current window.
+    armed: HashSet<ProcId>,
+    verify: Option<ProcId>,
     prev: HashMap<u32, Prev>,
     names: HashMap<ProcId, Names>,
     cpu_prev: HashMap<ProcId, u64>,
@@ -83,8 +121,57 @@ impl Delta {
 impl Sampler {
     /// `watch`: processes to report even when idle (already validated by the caller).
     pub fn new(probes: Probes, watch: Vec<ProcId>) -> Self {
+        Self::with_options(
+            probes,
+            watch,
+            &SamplerOptions {
+                mode: ModeChoice::Bounds,
+                exact_max: 0,
+                verify: None,
+            },
+        )
+        .expect("bounds mode cannot fail")
+    }
+
+    pub fn with_options(
+        probes: Probes,
+        watch: Vec<ProcId>,
+        o: &SamplerOptions,
+    ) -> anyhow::Result<Self> {
+        let exact = match o.mode {
+            ModeChoice::Bounds => false,
+            ModeChoice::Auto => crate::softdirty::supported().unwrap_or(false),
+            ModeChoice::Exact => match crate::softdirty::supported() {
+                Ok(true) => true,
+                Ok(false) => {
+                    return Err(crate::environment(
+                        "--mode exact: this kernel has no soft-dirty tracking (CONFIG_MEM_SOFT_DIRTY); use --mode auto or bounds",
+                    ));
+                }
+                Err(e) => {
+                    return Err(crate::environment(format!(
+                        "--mode exact: cannot test soft-dirty: {e}"
+                    )));
+                }
+            },
+        };
+        if o.verify.is_some() && !exact {
+            return Err(crate::environment(
+                "--verify needs exact mode (soft-dirty), which is not in force",
+            ));
+        }
+        let mut watch = watch;
+        if let Some(v) = o.verify
+            && !watch.contains(&v)
+        {
+            watch.push(v);
+        }
         let mut s = Self {
             probes,
+            verify: o.verify,
+            exact,
+            exact_max: o.exact_max,
+            armed: HashSet::new(),
             prev: HashMap::new(),
             names: HashMap::new(),
             cpu_prev: HashMap::new(),
@@ -107,8 +194,47 @@ impl Sampler {
         }
         s.probes.drain_exits();
         s.last_stats = s.probes.kernel_stats();
+        if s.exact {
+            // First window: every process the kernel side has seen, busiest unknown yet.
+            let mut first: Vec<(u32, u64)> = s
+                .prev
+                .iter()
+                .map(|(pid, p)| (*pid, p.counters.dirty_pages()))
+                .collect();
+            first.sort_by(|a, b| b.1.cmp(&a.1));
+            let ids: Vec<ProcId> = first
+                .into_iter()
+                .filter_map(|(pid, _)| {
+                    procinfo::stat(pid)
+                        .filter(|st| !st.kernel_thread)
+                        .map(|st| st.id)
+                })
+                .take(s.exact_max)
+                .collect();
+            s.arm(ids);
+        }
         s.last = Instant::now();
-        s
+        Ok(s)
+    }
+
+    pub fn is_exact(&self) -> bool {
+        self.exact
+    }
+
+    /// Re-arms soft-dirty for these processes plus every watched one. This is the one write the
+    /// sampler makes: it clears the processes' soft-dirty bits (nothing else reads them) so the
+    /// next write to each page takes one write-protect fault, which the probes count.
+    fn arm(&mut self, busiest: Vec<ProcId>) {
+        self.armed.clear();
+        let me = std::process::id();
+        for id in self.watch.iter().copied().chain(busiest) {
+            if id.pid == me || self.armed.contains(&id) {
+                continue;
+            }
+            if crate::softdirty::clear_refs(id.pid).is_ok() {
+                self.armed.insert(id);
+            }
+        }
     }
 
     pub fn probes(&self) -> &Probes {
@@ -177,6 +303,10 @@ impl Sampler {
         // Entries that vanished without an exit event we saw (lost or raced): forget them.
         self.prev.retain(|pid, _| present.contains(pid));
 
+        let counted_faults: HashMap<u32, u64> = deltas
+            .iter()
+            .map(|(pid, (d, _))| (*pid, d.c.write_new + d.c.write_protect))
+            .collect();
         let mut processes = short_lived;
         let mut seen_ids = HashSet::new();
         let mut totals = Totals::default();
@@ -252,14 +382,53 @@ impl Sampler {
         };
         self.last_stats = ks;
 
+        // Samples of processes armed for this window are exact; then re-arm for the next one.
+        let exact_armed = self.armed.len();
+        // Read pagemap before re-arming clears the bits.
+        let verify = self
+            .verify
+            .filter(|v| self.armed.contains(v))
+            .and_then(|v| {
+                let counted = counted_faults.get(&v.pid).copied().unwrap_or(0);
+                crate::softdirty::count_soft_dirty(v.pid)
+                    .ok()
+                    .map(|sd| Verify {
+                        pid: v.pid,
+                        counted_pages: counted,
+                        soft_dirty_pages: sd,
+                    })
+            });
+        if self.exact {
+            for p in &mut processes {
+                p.exact = self.armed.contains(&p.id());
+            }
+            let mut busiest: Vec<&ProcSample> = processes
+                .iter()
+                .filter(|p| !p.gone && p.rates.dirty > 0.0)
+                .collect();
+            busiest.sort_by(|a, b| b.rates.dirty.total_cmp(&a.rates.dirty));
+            let next: Vec<ProcId> = busiest
+                .into_iter()
+                .take(self.exact_max)
+                .map(ProcSample::id)
+                .collect();
+            self.arm(next);
+        }
+
         Snapshot {
             seq: self.seq,
+            exact_armed,
+            verify,
             time_unix_ms: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
             interval_s: dt,
-            mode: Mode::Bounds,
+            mode: if self.exact {
+                Mode::Exact
+            } else {
+                Mode::Bounds
+            },
             probes: self.probes.report.flavour,
             folio_pages_known: self.probes.report.folio_pages_known,
             page_size: self.page_size,
@@ -308,6 +477,8 @@ impl Sampler {
             rss_bytes: st.rss_bytes,
             cgroup: procinfo::cpu_cgroup(id.pid),
             gone: false,
+            exact: false,
+            curve: Vec::new(),
         }
     }
 
@@ -329,6 +500,28 @@ impl Sampler {
             rss_bytes: 0,
             cgroup: String::new(),
             gone: true,
+            exact: false,
+            curve: Vec::new(),
         }
     }
+}
+
+/// Merges a sweep of snapshots (one per window length, increasing) into the last one: each
+/// process gets its curve (measured window lengths) of distinct pages per window. Pure.
+pub fn with_curve(sweep: Vec<Snapshot>) -> Snapshot {
+    use crate::snapshot::CurvePoint;
+    let mut points: HashMap<ProcId, Vec<CurvePoint>> = HashMap::new();
+    for snap in &sweep {
+        for p in &snap.processes {
+            points.entry(p.id()).or_default().push(CurvePoint {
+                window_s: snap.interval_s,
+                pages: p.rates.dirty * snap.interval_s,
+            });
+        }
+    }
+    let mut last = sweep.into_iter().last().expect("a sweep has windows");
+    for p in &mut last.processes {
+        p.curve = points.remove(&p.id()).unwrap_or_default();
+    }
+    last
 }

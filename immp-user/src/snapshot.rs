@@ -61,6 +61,18 @@ pub struct ProcSample {
     pub cgroup: String,
     /// Exited during the interval (its last counts are included) or before (asked for by pid).
     pub gone: bool,
+    /// Soft-dirty was armed for it during this window: `dirty` is the exact number of distinct
+    /// pages it wrote (else a lower bound).
+    pub exact: bool,
+    /// Distinct pages dirtied per window length (`profile --curve`), shortest window first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub curve: Vec<CurvePoint>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct CurvePoint {
+    pub window_s: f64,
+    pub pages: f64,
 }
 
 impl ProcSample {
@@ -107,7 +119,21 @@ pub struct Snapshot {
     pub page_size: u64,
     pub health: Health,
     pub totals: Totals,
+    /// Processes armed with soft-dirty for this window (exact mode).
+    pub exact_armed: usize,
+    /// `--verify`: the counted pages of one process against its pagemap soft-dirty bits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify: Option<Verify>,
     /// Every process with activity in the interval, plus every one asked for; unsorted
     /// (ranking is `rank`'s job).
     pub processes: Vec<ProcSample>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Verify {
+    pub pid: u32,
+    /// Write faults (new + write-protect) counted for it in the window.
+    pub counted_pages: u64,
+    /// Pages with the soft-dirty bit set at the end of the window (pagemap bit 55).
+    pub soft_dirty_pages: u64,
 }

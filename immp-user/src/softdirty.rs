@@ -48,6 +48,50 @@ fn clear_refs_self() -> Result<(), String> {
         .map_err(|e| format!("clear_refs: {e}"))
 }
 
+/// Clears a process's soft-dirty bits (`echo 4 > /proc/PID/clear_refs`): harmless to it (only
+/// soft-dirty readers such as CRIU care), and the only write exact mode makes.
+pub fn clear_refs(pid: u32) -> std::io::Result<()> {
+    OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/{pid}/clear_refs"))?
+        .write_all(b"4")
+}
+
+/// Pages of `pid` whose soft-dirty bit is set (pagemap bit 55), over all its mappings.
+pub fn count_soft_dirty(pid: u32) -> Result<u64, String> {
+    let page = crate::procinfo::page_size();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .map_err(|e| format!("PID {pid}: {e}"))?;
+    let mut pm =
+        File::open(format!("/proc/{pid}/pagemap")).map_err(|e| format!("PID {pid}: {e}"))?;
+    let mut n = 0u64;
+    let mut buf = Vec::new();
+    for line in maps.lines() {
+        let Some(range) = line.split_whitespace().next() else {
+            continue;
+        };
+        let Some((a, b)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else {
+            continue;
+        };
+        if line.ends_with("[vsyscall]") {
+            continue;
+        }
+        let pages = ((b - a) / page) as usize;
+        buf.resize(pages * 8, 0);
+        if pm.seek(SeekFrom::Start(a / page * 8)).is_err() || pm.read_exact(&mut buf).is_err() {
+            continue;
+        }
+        n += buf
+            .chunks_exact(8)
+            .filter(|c| u64::from_le_bytes((*c).try_into().unwrap_or([0; 8])) & SOFT_DIRTY_BIT != 0)
+            .count() as u64;
+    }
+    Ok(n)
+}
+
 fn pagemap_self(addr: usize) -> Result<u64, String> {
     let page = crate::procinfo::page_size() as usize;
     let mut f = File::open("/proc/self/pagemap").map_err(|e| format!("pagemap: {e}"))?;

@@ -98,7 +98,8 @@ struct Line {
     dirty_bytes_per_s: Option<f64>,
 }
 
-fn mem_total() -> f64 {
+/// This machine's RAM (inside a guest: the guest RAM that migration sends).
+pub fn mem_total() -> f64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|s| {
