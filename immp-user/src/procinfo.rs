@@ -83,6 +83,18 @@ pub fn parse_cpu_cgroup(text: &str) -> String {
     unified.unwrap_or_default()
 }
 
+/// Anonymous memory backed by transparent huge pages, bytes (smaps_rollup AnonHugePages).
+pub fn anon_huge_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("AnonHugePages:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
 /// Seconds since boot (for process ages).
 pub fn uptime_ticks() -> u64 {
     let secs = std::fs::read_to_string("/proc/uptime")

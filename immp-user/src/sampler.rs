@@ -68,6 +68,8 @@ pub struct Sampler {
     exact_max: usize,
     /// Processes armed at the start of the current window.
     armed: HashSet<ProcId>,
+    /// Where the round of otherwise idle processes to arm stopped (a pid).
+    cursor: u32,
     verify: Option<ProcId>,
     prev: HashMap<u32, Prev>,
     names: HashMap<ProcId, Names>,
@@ -172,6 +174,7 @@ impl Sampler {
             exact,
             exact_max: o.exact_max,
             armed: HashSet::new(),
+            cursor: 0,
             prev: HashMap::new(),
             names: HashMap::new(),
             cpu_prev: HashMap::new(),
@@ -224,15 +227,45 @@ impl Sampler {
     /// Re-arms soft-dirty for these processes plus every watched one. This is the one write the
     /// sampler makes: it clears the processes' soft-dirty bits (nothing else reads them) so the
     /// next write to each page takes one write-protect fault, which the probes count.
+    ///
+    /// A process that only rewrites pages it already has takes no fault until it is armed, so
+    /// the slots the busiest writers leave free go round all other processes in turn: each is
+    /// looked at every few windows, and kept armed once it shows writes.
     fn arm(&mut self, busiest: Vec<ProcId>) {
         self.armed.clear();
         let me = std::process::id();
-        for id in self.watch.iter().copied().chain(busiest) {
-            if id.pid == me || self.armed.contains(&id) {
-                continue;
+        let arm = |armed: &mut HashSet<ProcId>, id: ProcId| {
+            if id.pid != me && !armed.contains(&id) && crate::softdirty::clear_refs(id.pid).is_ok()
+            {
+                armed.insert(id);
             }
-            if crate::softdirty::clear_refs(id.pid).is_ok() {
-                self.armed.insert(id);
+        };
+        for id in self.watch.clone() {
+            arm(&mut self.armed, id);
+        }
+        let budget = self.watch.len() + self.exact_max;
+        for id in busiest {
+            if self.armed.len() >= budget {
+                return;
+            }
+            arm(&mut self.armed, id);
+        }
+        let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        pids.sort_unstable();
+        let start = pids.partition_point(|&p| p <= self.cursor);
+        for &pid in pids[start..].iter().chain(&pids[..start]) {
+            if self.armed.len() >= budget {
+                break;
+            }
+            self.cursor = pid;
+            if let Some(st) = procinfo::stat(pid).filter(|s| !s.kernel_thread) {
+                arm(&mut self.armed, st.id);
             }
         }
     }
@@ -400,7 +433,10 @@ impl Sampler {
             });
         if self.exact {
             for p in &mut processes {
-                p.exact = self.armed.contains(&p.id());
+                // A write-protect fault on a transparent huge page re-dirties 512 pages at
+                // once: a process with THP-backed memory is only a lower bound.
+                p.exact = self.armed.contains(&p.id())
+                    && (p.gone || procinfo::anon_huge_bytes(p.pid) == 0);
             }
             let mut busiest: Vec<&ProcSample> = processes
                 .iter()

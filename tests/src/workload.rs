@@ -15,6 +15,7 @@
 //!   rewrite PAGES        forever: rewrite the same PAGES pages (no faults after the first pass)
 //!   ring PAGES WORK      forever: drop and re-touch a ring of PAGES pages, WORK spins per page
 //!                        (a decoder-like writer: each touch is a new-page fault, RSS stays PAGES)
+//!   paced PAGES MS       forever: rewrite the same PAGES pages, one pass every MS milliseconds
 //!   burn                 forever: spin on the CPU, no memory writes
 //!   idle                 forever: touch one fresh page per second
 //!   fault-bench N REPS   map N pages, touch all, unmap, REPS times; prints ns per fault
@@ -216,6 +217,23 @@ fn main() {
                     }
                     // SAFETY: within the ring.
                     unsafe { ptr::write_volatile(p.add(i * pg), x as u8) };
+                }
+            }
+        }
+        "paced" => {
+            let (n, ms) = (arg(&args, 1), arg(&args, 2) as u64);
+            let p = map_anon(n);
+            // Small pages on purpose: see the THP note in immp's README.
+            // SAFETY: advice on our own mapping.
+            unsafe { libc::madvise(p.cast(), n * pg, libc::MADV_NOHUGEPAGE) };
+            say("ready");
+            let mut v = 0u8;
+            loop {
+                let t = std::time::Instant::now();
+                v = v.wrapping_add(1);
+                touch(p, n, v);
+                if let Some(left) = std::time::Duration::from_millis(ms).checked_sub(t.elapsed()) {
+                    std::thread::sleep(left);
                 }
             }
         }

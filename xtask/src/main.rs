@@ -2,6 +2,7 @@
 //! Nothing in the product depends on this crate.
 mod bench;
 mod setup;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -35,6 +36,9 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Boot Debian's kernel under QEMU and run the guest tests (soft-dirty, cgroup v2, QEMU's
+    /// own dirty rate); optional test names select some
+    VmTest { tests: Vec<String> },
     /// Benchmarks that print ratios measured side by side in one run
     Bench {
         #[command(subcommand)]
@@ -122,6 +126,10 @@ fn main() -> anyhow::Result<()> {
                     .args(["test", "--workspace", "--no-fail-fast"])
                     .args(&args),
             )
+        }
+        Cmd::VmTest { tests } => {
+            setup::ensure()?;
+            vm::test(tests)
         }
         Cmd::Bench { which } => {
             setup::ensure()?;

@@ -79,3 +79,29 @@ fn bpf_linker_ok() -> bool {
             o.status.success() && String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION)
         })
 }
+
+/// What the QEMU lab needs on the host.
+const VM_PACKAGES: &[(&str, &str)] = &[
+    ("qemu-system-x86", "/usr/bin/qemu-system-x86_64"),
+    ("busybox-static", "/bin/busybox"),
+    ("cpio", "/usr/bin/cpio"),
+];
+
+pub fn ensure_vm() -> anyhow::Result<()> {
+    let missing: Vec<&str> = VM_PACKAGES
+        .iter()
+        .filter(|(_, f)| !Path::new(f).exists())
+        .map(|(p, _)| *p)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("xtask setup: installing {} (apt)", missing.join(" "));
+    crate::run(Command::new("apt-get").args(["update", "-qq"]))?;
+    crate::run(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-qq"])
+            .args(&missing),
+    )
+}

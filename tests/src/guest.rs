@@ -1,0 +1,385 @@
+//! Tests that need a kernel with soft-dirty: run inside the QEMU guest by `cargo xtask vm-test`
+//! (its /init calls this). Each test prints one line:
+//!     IMMP-RESULT <name> PASS|FAIL <detail>
+//! and the host turns them into a table. Usage: immp-guest [TEST ...] (default: all).
+use std::{
+    io::Write as _,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use immp::{
+    probes::{ProbeOptions, Probes},
+    rank::{RankSettings, rank},
+    sampler::{ModeChoice, Sampler, SamplerOptions},
+    snapshot::{ProcId, Snapshot},
+};
+
+#[allow(dead_code)]
+#[path = "ctl.rs"]
+mod ctl;
+use ctl::Workload;
+
+const WORKLOAD: &str = "/bin/immp-workload";
+const IMMP: &str = "/bin/immp";
+
+type Outcome = Result<String, String>;
+
+fn start(args: &[&str]) -> Workload {
+    Workload::start_bin(WORKLOAD, args)
+}
+
+fn sampler(mode: ModeChoice, watch: Vec<ProcId>, verify: Option<ProcId>) -> Sampler {
+    let probes = Probes::load(&ProbeOptions::default()).expect("probes attach");
+    Sampler::with_options(
+        probes,
+        watch,
+        &SamplerOptions {
+            mode,
+            exact_max: 64,
+            verify,
+        },
+    )
+    .expect("sampler")
+}
+
+fn id(w: &Workload) -> ProcId {
+    immp::procinfo::stat(w.pid()).expect("workload alive").id
+}
+
+/// Distinct pages dirtied by `pid` in the snapshot's window.
+fn pages(s: &Snapshot, pid: u32) -> f64 {
+    s.processes
+        .iter()
+        .find(|p| p.pid == pid)
+        .map_or(0.0, |p| p.rates.dirty * s.interval_s)
+}
+
+fn within(actual: f64, expected: f64, tol: f64) -> bool {
+    (actual - expected).abs() <= expected * tol
+}
+
+fn check(ok: bool, detail: String) -> Outcome {
+    if ok { Ok(detail) } else { Err(detail) }
+}
+
+/// A process rewriting the same N pages: fault counting sees ~0, exact mode sees N per window.
+fn rewrite_exact() -> Outcome {
+    const N: f64 = 4096.0;
+    let w = start(&["paced", "4096", "100"]);
+    let me = id(&w);
+    std::thread::sleep(Duration::from_millis(500)); // first pass (new pages) done
+    let bounds = {
+        let mut s = sampler(ModeChoice::Bounds, vec![me], None);
+        s.sample();
+        std::thread::sleep(Duration::from_secs(1));
+        pages(&s.sample(), me.pid)
+    };
+    let mut s = sampler(ModeChoice::Exact, vec![me], None);
+    s.sample(); // arms
+    let mut windows = Vec::new();
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_secs(1));
+        let snap = s.sample();
+        let p = snap
+            .processes
+            .iter()
+            .find(|p| p.pid == me.pid)
+            .ok_or("rewriter missing")?;
+        if !p.exact {
+            return Err("sample not marked exact".into());
+        }
+        windows.push(pages(&snap, me.pid));
+    }
+    let ok = windows.iter().all(|&x| within(x, N, 0.01)) && bounds < N * 0.01;
+    check(
+        ok,
+        format!("exact windows {windows:?} for {N} pages; fault counting alone {bounds:.0}"),
+    )
+}
+
+fn first_touch() -> Outcome {
+    const N: usize = 16384;
+    let mut w = start(&["first-touch", &N.to_string()]);
+    let mut s = sampler(ModeChoice::Exact, vec![], None);
+    s.sample();
+    w.run();
+    let snap = s.sample();
+    let got = pages(&snap, w.pid());
+    check(
+        within(got, N as f64, 0.01),
+        format!("{got:.0} pages for {N}"),
+    )
+}
+
+fn file_write() -> Outcome {
+    const N: usize = 8192;
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    if !mounts.lines().any(|l| l.contains(" /mnt ext")) {
+        return Err("no ext2 file system on /mnt".into());
+    }
+    let mut w = start(&["file-write", &N.to_string(), "/mnt/f", "16"]);
+    let mut s = sampler(ModeChoice::Exact, vec![], None);
+    s.sample();
+    w.run();
+    let snap = s.sample();
+    let p = snap
+        .processes
+        .iter()
+        .find(|p| p.pid == w.pid())
+        .ok_or("writer missing")?;
+    let pc = p.rates.pagecache * snap.interval_s;
+    check(
+        within(pc, N as f64, 0.01),
+        format!("{pc:.0} page-cache pages for {N} (ext2 on a RAM disk)"),
+    )
+}
+
+fn mixed_rank() -> Outcome {
+    let ws: Vec<Workload> = ["1024", "4096", "2048"]
+        .iter()
+        .map(|n| start(&["paced", n, "100"]))
+        .collect();
+    let ids: Vec<ProcId> = ws.iter().map(id).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut s = sampler(ModeChoice::Exact, ids.clone(), None);
+    s.sample();
+    std::thread::sleep(Duration::from_secs(1));
+    let snap = s.sample();
+    let r = rank(&snap, &RankSettings::default());
+    let order: Vec<u32> = r
+        .processes
+        .iter()
+        .map(|p| p.proc_.pid)
+        .filter(|p| ids.iter().any(|i| i.pid == *p))
+        .collect();
+    let want = vec![ids[1].pid, ids[2].pid, ids[0].pid];
+    let counts: Vec<f64> = ids.iter().map(|i| pages(&snap, i.pid)).collect();
+    check(
+        order == want,
+        format!("order {order:?} (want {want:?}), pages {counts:?} for 1024/4096/2048"),
+    )
+}
+
+fn verify_pagemap() -> Outcome {
+    let w = start(&["paced", "3000", "100"]);
+    let me = id(&w);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut s = sampler(ModeChoice::Exact, vec![me], Some(me));
+    s.sample();
+    let mut pairs = Vec::new();
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_secs(1));
+        let v = s.sample().verify.ok_or("no verify result")?;
+        pairs.push((v.counted_pages, v.soft_dirty_pages));
+    }
+    let ok = pairs
+        .iter()
+        .all(|(c, sd)| within(*c as f64, *sd as f64, 0.01));
+    check(
+        ok,
+        format!("(counted, pagemap soft-dirty) per window: {pairs:?}"),
+    )
+}
+
+/// A process with transparent huge pages is reported as a lower bound, not as exact.
+fn thp_flagged() -> Outcome {
+    // The kernel turns THP off on guests under 512 MiB; turn it on for this test only.
+    const THP: &str = "/sys/kernel/mm/transparent_hugepage/enabled";
+    std::fs::write(THP, "always").map_err(|e| format!("enabling THP: {e}"))?;
+    let r = thp_flagged_inner();
+    let _ = std::fs::write(THP, "never");
+    r
+}
+
+fn thp_flagged_inner() -> Outcome {
+    let w = start(&["rewrite", "4096"]); // 16 MiB, THP-eligible
+    let me = id(&w);
+    std::thread::sleep(Duration::from_millis(800));
+    let huge = immp::procinfo::anon_huge_bytes(me.pid);
+    let mut s = sampler(ModeChoice::Exact, vec![me], None);
+    s.sample();
+    std::thread::sleep(Duration::from_secs(1));
+    let snap = s.sample();
+    let p = snap
+        .processes
+        .iter()
+        .find(|p| p.pid == me.pid)
+        .ok_or("missing")?;
+    check(
+        huge > 0 && !p.exact,
+        format!("AnonHugePages {huge} B, marked exact: {}", p.exact),
+    )
+}
+
+/// The guest's total dirty rate while the host asks QEMU for its own (calc-dirty-rate).
+fn qemu_rate() -> Outcome {
+    // 20 MiB of distinct pages rewritten every 200 ms: 20 MiB per 1 s window.
+    let _w = start(&["paced", "5120", "200"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut s = sampler(ModeChoice::Exact, vec![], None);
+    s.sample();
+    say("IMMP-QMP-START");
+    let end = Instant::now() + Duration::from_secs(14);
+    while Instant::now() < end {
+        std::thread::sleep(Duration::from_secs(1));
+        let snap = s.sample();
+        say(&format!("IMMP-RATE {:.0}", snap.totals.dirty_bytes_per_s));
+    }
+    say("IMMP-QMP-END");
+    Ok("guest rates printed; the host compares them with QEMU".into())
+}
+
+fn cpu_ns(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/schedstat"))
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn cgroup_of(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+fn share_over(pid: u32, d: Duration) -> f64 {
+    let (t0, c0) = (Instant::now(), cpu_ns(pid));
+    std::thread::sleep(d);
+    (cpu_ns(pid) - c0) as f64 / t0.elapsed().as_nanos() as f64 * 100.0
+}
+
+/// cgroup v2 `cpu.max`: a process sharing its cgroup moves to a sibling; one alone in its
+/// cgroup is capped in place; SIGKILL + `immp restore` puts both back.
+fn throttle_v2() -> Outcome {
+    let shared = start(&["burn"]);
+    let alone = start(&["burn"]);
+    std::fs::create_dir_all("/sys/fs/cgroup/svc").map_err(|e| e.to_string())?;
+    std::fs::write("/sys/fs/cgroup/cgroup.subtree_control", "+cpu")
+        .map_err(|e| format!("+cpu: {e}"))?;
+    std::fs::write("/sys/fs/cgroup/svc/cgroup.procs", alone.pid().to_string())
+        .map_err(|e| e.to_string())?;
+    let before = (cgroup_of(shared.pid()), cgroup_of(alone.pid()));
+    let mut c = Command::new(IMMP)
+        .args([
+            "throttle",
+            "--pid",
+            &shared.pid().to_string(),
+            "--pid",
+            &alone.pid().to_string(),
+            "--cap",
+            "20%",
+            "--format",
+            "json",
+        ])
+        .env("IMMP_JOURNAL_DIR", "/tmp/journal")
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    std::thread::sleep(Duration::from_secs(2));
+    // immp starts slowly under TCG (kernel BTF parsing): wait for its caps.
+    let t = Instant::now();
+    while !(cgroup_of(shared.pid()).contains("/immp-")
+        && std::fs::read_to_string("/sys/fs/cgroup/svc/cpu.max")
+            .is_ok_and(|s| s.starts_with("20000")))
+        && t.elapsed() < Duration::from_secs(60)
+    {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let capped = (cgroup_of(shared.pid()), cgroup_of(alone.pid()));
+    let cpu_max = std::fs::read_to_string("/sys/fs/cgroup/svc/cpu.max")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let shared_share = share_over(shared.pid(), Duration::from_secs(3));
+    let alone_share = share_over(alone.pid(), Duration::from_secs(3));
+    let _ = c.kill();
+    let _ = c.wait();
+    let restore = Command::new(IMMP)
+        .args(["restore"])
+        .env("IMMP_JOURNAL_DIR", "/tmp/journal")
+        .output()
+        .map_err(|e| e.to_string())?;
+    let after = (cgroup_of(shared.pid()), cgroup_of(alone.pid()));
+    let cpu_max_after = std::fs::read_to_string("/sys/fs/cgroup/svc/cpu.max")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let ok = capped.0.contains("/immp-")
+        && capped.1 == before.1
+        && cpu_max == "20000 100000"
+        && (shared_share - 20.0).abs() <= 3.0
+        && (alone_share - 20.0).abs() <= 3.0
+        && restore.status.success()
+        && after == before
+        && cpu_max_after == "max 100000";
+    check(
+        ok,
+        format!(
+            "sibling {} / in place {} (cpu.max {cpu_max} -> {cpu_max_after}), shares {:.1}% / {alone_share:.1}%, after SIGKILL+restore {:?}",
+            capped.0, capped.1, shared_share, after
+        ),
+    )
+}
+
+fn doctor() -> Outcome {
+    let o = Command::new(IMMP)
+        .args(["doctor", "--format", "json"])
+        .output()
+        .map_err(|e| e.to_string())?;
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).map_err(|e| e.to_string())?;
+    let st = |n: &str| {
+        v["checks"]
+            .as_array()
+            .and_then(|c| c.iter().find(|c| c["name"] == n))
+            .map(|c| c["status"].as_str().unwrap_or("").to_string())
+            .unwrap_or_default()
+    };
+    let got = (st("soft-dirty"), st("probes-btf"), st("cgroup-v2-cpu"));
+    check(
+        got == ("ok".into(), "ok".into(), "ok".into()),
+        format!(
+            "soft-dirty {}, probes-btf {}, cgroup-v2-cpu {}",
+            got.0, got.1, got.2
+        ),
+    )
+}
+
+fn say(s: &str) {
+    let mut o = std::io::stdout().lock();
+    let _ = writeln!(o, "{s}");
+    let _ = o.flush();
+}
+
+fn main() {
+    let all: Vec<(&str, fn() -> Outcome)> = vec![
+        ("doctor", doctor),
+        ("rewrite-exact", rewrite_exact),
+        ("first-touch", first_touch),
+        ("file-write", file_write),
+        ("mixed-rank", mixed_rank),
+        ("verify-pagemap", verify_pagemap),
+        ("thp-flagged", thp_flagged),
+        ("throttle-v2", throttle_v2),
+        ("qemu-rate", qemu_rate),
+    ];
+    let want: Vec<String> = std::env::args().skip(1).collect();
+    for (name, f) in all {
+        if !want.is_empty() && !want.iter().any(|w| w == name) {
+            continue;
+        }
+        let r = std::panic::catch_unwind(f).unwrap_or_else(|e| {
+            Err(e
+                .downcast_ref::<String>()
+                .cloned()
+                .or(e.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default())
+        });
+        match r {
+            Ok(d) => say(&format!("IMMP-RESULT {name} PASS {d}")),
+            Err(d) => say(&format!("IMMP-RESULT {name} FAIL {d}")),
+        }
+    }
+    say("IMMP-DONE");
+}
