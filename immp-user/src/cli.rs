@@ -93,8 +93,8 @@ pub struct ProfileArgs {
     /// Stop after this long (e.g. 30s, 2m); default: until Ctrl-C
     #[arg(long, value_parser = units::parse_positive_duration)]
     pub duration: Option<Duration>,
-    /// Sampling interval (e.g. 1s, 500ms)
-    #[arg(long, default_value = "1s", value_parser = units::parse_positive_duration)]
+    /// Sampling interval = measurement window (e.g. 1s, 500ms)
+    #[arg(long, visible_alias = "window", default_value = "1s", value_parser = units::parse_positive_duration)]
     pub interval: Duration,
     /// Migration link bandwidth (e.g. 100Mbit, 1Gbit, 12.5MB/s): enables IMMP verdicts
     #[arg(long, value_parser = units::parse_bandwidth)]

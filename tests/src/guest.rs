@@ -346,6 +346,89 @@ fn doctor() -> Outcome {
     )
 }
 
+/// `cargo xtask bench exact`: what exact mode costs. Prints IMMP-BENCH lines.
+fn bench_exact() -> Outcome {
+    // 1. Re-arm cost per GiB of RSS: clear_refs on a process with 256 MiB resident.
+    let big = start(&["first-touch", "65536"]);
+    let mut big = big;
+    big.run();
+    let rss = immp::procinfo::stat(big.pid()).map_or(0, |s| s.rss_bytes) as f64;
+    let mut t = Vec::new();
+    for _ in 0..9 {
+        let t0 = Instant::now();
+        immp::softdirty::clear_refs(big.pid()).map_err(|e| e.to_string())?;
+        t.push(t0.elapsed().as_secs_f64());
+    }
+    t.sort_by(f64::total_cmp);
+    let per_gib = t[4] / (rss / 1073741824.0);
+    say(&format!(
+        "IMMP-BENCH rearm rss_mib={:.0} median_ms={:.2} ms_per_gib={:.1}",
+        rss / 1048576.0,
+        t[4] * 1e3,
+        per_gib * 1e3
+    ));
+    drop(big);
+    // 2. Slowdown of writers under 1 s windows, interleaved rounds. One sampler, loaded once
+    // (probe loading is a start-up cost, not a per-window one), samples only while `active`.
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+    let active = Arc::new(AtomicBool::new(false));
+    let quit = Arc::new(AtomicBool::new(false));
+    let bg = {
+        let (active, quit) = (active.clone(), quit.clone());
+        let mut s = sampler(ModeChoice::Exact, vec![], None);
+        std::thread::spawn(move || {
+            while !quit.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_secs(1));
+                if active.load(Ordering::Relaxed) {
+                    s.sample();
+                }
+            }
+        })
+    };
+    for (label, pages, work) in [
+        ("tight-rewriter-64MiB", "16384", "0"),
+        ("decoder-like-64MiB", "16384", "3000"),
+    ] {
+        let mut off = Vec::new();
+        let mut on = Vec::new();
+        for round in 0..4 {
+            for with in if round % 2 == 0 {
+                [false, true]
+            } else {
+                [true, false]
+            } {
+                active.store(with, Ordering::Relaxed);
+                let out = Command::new(WORKLOAD)
+                    .args(["rewrite-bench", pages, work, "4"])
+                    .output()
+                    .map_err(|e| e.to_string())?;
+                active.store(false, Ordering::Relaxed);
+                let v: f64 = String::from_utf8_lossy(&out.stdout)
+                    .trim()
+                    .parse()
+                    .map_err(|_| "bench output")?;
+                if with { on.push(v) } else { off.push(v) }
+            }
+        }
+        let (m0, m1) = (median_of(&mut off), median_of(&mut on));
+        say(&format!(
+            "IMMP-BENCH slowdown {label} pages_per_s_without={m0:.0} with_exact_1s={m1:.0} ratio={:.3}",
+            m0 / m1
+        ));
+    }
+    quit.store(true, Ordering::Relaxed);
+    let _ = bg.join();
+    Ok("bench done".into())
+}
+
+fn median_of(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 fn say(s: &str) {
     let mut o = std::io::stdout().lock();
     let _ = writeln!(o, "{s}");
@@ -364,11 +447,16 @@ fn main() {
         ("throttle-v2", throttle_v2),
         ("qemu-rate", qemu_rate),
     ];
+    let extra: Vec<(&str, fn() -> Outcome)> = vec![("bench-exact", bench_exact)];
     let want: Vec<String> = std::env::args().skip(1).collect();
-    for (name, f) in all {
-        if !want.is_empty() && !want.iter().any(|w| w == name) {
-            continue;
-        }
+    // Benchmarks run only when named.
+    let selected = all
+        .into_iter()
+        .filter(|(n, _)| want.is_empty() || want.iter().any(|w| w == n));
+    let extra = extra
+        .into_iter()
+        .filter(|(n, _)| want.iter().any(|w| w == n));
+    for (name, f) in selected.chain(extra) {
         let r = std::panic::catch_unwind(f).unwrap_or_else(|e| {
             Err(e
                 .downcast_ref::<String>()

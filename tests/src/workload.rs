@@ -16,6 +16,8 @@
 //!   ring PAGES WORK      forever: drop and re-touch a ring of PAGES pages, WORK spins per page
 //!                        (a decoder-like writer: each touch is a new-page fault, RSS stays PAGES)
 //!   paced PAGES MS       forever: rewrite the same PAGES pages, one pass every MS milliseconds
+//!   rewrite-bench PAGES WORK SECS  rewrite PAGES pages (WORK spins per page) for SECS seconds;
+//!                        prints pages written per second
 //!   burn                 forever: spin on the CPU, no memory writes
 //!   idle                 forever: touch one fresh page per second
 //!   fault-bench N REPS   map N pages, touch all, unmap, REPS times; prints ns per fault
@@ -236,6 +238,35 @@ fn main() {
                     std::thread::sleep(left);
                 }
             }
+        }
+        "rewrite-bench" => {
+            let (n, work, secs) = (arg(&args, 1), arg(&args, 2), arg(&args, 3) as u64);
+            let p = map_anon(n);
+            // SAFETY: advice on our own mapping (small pages: see the THP note in the README).
+            unsafe { libc::madvise(p.cast(), n * pg, libc::MADV_NOHUGEPAGE) };
+            touch(p, n, 1);
+            let end = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+            let (mut written, mut x) = (0u64, 1u64);
+            let t = std::time::Instant::now();
+            'outer: loop {
+                for i in 0..n {
+                    for _ in 0..work {
+                        x = std::hint::black_box(
+                            x.wrapping_mul(6364136223846793005).wrapping_add(1),
+                        );
+                    }
+                    // SAFETY: within the mapping.
+                    unsafe { ptr::write_volatile(p.add(i * pg), x as u8) };
+                    written += 1;
+                    if written % 256 == 0 && std::time::Instant::now() >= end {
+                        break 'outer;
+                    }
+                }
+            }
+            say(&format!(
+                "{:.1}",
+                written as f64 / t.elapsed().as_secs_f64()
+            ));
         }
         "burn" => {
             say("ready");

@@ -25,6 +25,9 @@ pub enum Which {
         #[arg(long, default_value_t = 20)]
         seconds: u64,
     },
+    /// Exact mode's cost, in the QEMU guest (soft-dirty): re-arm time per GiB of RSS, writer
+    /// slowdown under 1 s windows
+    Exact,
     /// CPU caps of 10/20/50 %: share and jitter per 100 ms, immp's cgroup cap vs SIGSTOP/SIGCONT
     Cap {
         #[arg(long, default_value_t = 5)]
@@ -37,6 +40,7 @@ pub fn run(w: Which) -> anyhow::Result<()> {
         Which::Overhead { rounds } => overhead(rounds),
         Which::Agent { procs, seconds } => agent(procs, seconds),
         Which::Cap { seconds } => cap(seconds),
+        Which::Exact => exact(),
     }
 }
 
@@ -339,6 +343,17 @@ fn cap(seconds: u64) -> anyhow::Result<()> {
             base.0,
             c.3 / base.3.max(1e-9)
         );
+    }
+    Ok(())
+}
+
+fn exact() -> anyhow::Result<()> {
+    let out = crate::vm::run_guest(&["bench-exact".to_string()])?;
+    println!(
+        "bench exact (Debian 6.1 guest under QEMU TCG: absolute times are TCG's, ratios are the point)"
+    );
+    for l in out.lines().filter_map(|l| l.strip_prefix("IMMP-BENCH ")) {
+        println!("  {l}");
     }
     Ok(())
 }

@@ -284,6 +284,25 @@ fn median(v: &mut [f64]) -> f64 {
     if v.is_empty() { 0.0 } else { v[v.len() / 2] }
 }
 
+/// Boots the guest with these guest-test names and returns its serial log once it is done.
+pub fn run_guest(tests: &[String]) -> anyhow::Result<String> {
+    crate::setup::ensure_vm()?;
+    run(crate::cargo().args(["build", "--release", "--workspace", "--bins"]))?;
+    let (vmlinuz, modules) = kernel()?;
+    let initrd = initramfs(&modules)?;
+    let started = Instant::now();
+    let mut g = Guest::boot(&vmlinuz, &initrd, tests)?;
+    loop {
+        std::thread::sleep(Duration::from_millis(250));
+        if g.serial().contains("IMMP-DONE") || g.exited() {
+            return Ok(g.serial());
+        }
+        if started.elapsed() > TIMEOUT {
+            bail!("guest timed out; serial log: {}", g.log.display());
+        }
+    }
+}
+
 /// Boots the guest, runs the tests, prints a pass/fail table; returns (passed, failed).
 pub fn test(tests: Vec<String>) -> anyhow::Result<(u64, u64)> {
     crate::setup::ensure_vm()?;
