@@ -314,7 +314,7 @@ mod tests {
         let Action::Cap { cap_pct } = d.action else {
             panic!("{d:?}")
         };
-        assert!(cap_pct >= 15.0 && cap_pct < 100.0);
+        assert!((15.0..100.0).contains(&cap_pct));
         assert!(o.with_caps.converges);
         // The next point up would not converge: it is the highest.
         let w = Writer::linear(20e6, (400 << 20) as f64, 100.0);

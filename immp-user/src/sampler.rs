@@ -204,7 +204,7 @@ impl Sampler {
                 .iter()
                 .map(|(pid, p)| (*pid, p.counters.dirty_pages()))
                 .collect();
-            first.sort_by(|a, b| b.1.cmp(&a.1));
+            first.sort_by_key(|f| std::cmp::Reverse(f.1));
             let ids: Vec<ProcId> = first
                 .into_iter()
                 .filter_map(|(pid, _)| {

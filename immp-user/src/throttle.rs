@@ -106,6 +106,9 @@ pub enum Undone {
     Gone,
 }
 
+/// Each undone placement and how it went.
+pub type UndoReport = Vec<(Placement, anyhow::Result<Undone>)>;
+
 pub struct Throttler {
     journal: Journal,
     mechanism: Mechanism,
@@ -116,10 +119,7 @@ pub struct Throttler {
 
 impl Throttler {
     /// Takes the journal lock and restores leftovers of a crashed run first (returned).
-    pub fn open(
-        dir: &Path,
-        choice: MechanismChoice,
-    ) -> anyhow::Result<(Self, Vec<(Placement, anyhow::Result<Undone>)>)> {
+    pub fn open(dir: &Path, choice: MechanismChoice) -> anyhow::Result<(Self, UndoReport)> {
         let (mechanism, root) = pick_mechanism(choice)?;
         let mut journal = Journal::open(dir)?;
         let leftovers = restore_all(&mut journal)?;
@@ -325,7 +325,7 @@ impl Throttler {
     }
 
     /// Lifts every cap; errors are collected, never stop the others.
-    pub fn lift_all(&mut self) -> Vec<(Placement, anyhow::Result<Undone>)> {
+    pub fn lift_all(&mut self) -> UndoReport {
         if let Some(d) = self.signals.take() {
             d.stop();
         }
@@ -549,9 +549,7 @@ fn remove_cgroup(dir: &Path) -> anyhow::Result<()> {
 }
 
 /// Restores every pending placement of the journal (used by `immp restore` and at start-up).
-pub fn restore_all(
-    journal: &mut Journal,
-) -> anyhow::Result<Vec<(Placement, anyhow::Result<Undone>)>> {
+pub fn restore_all(journal: &mut Journal) -> anyhow::Result<UndoReport> {
     let Pending {
         placements,
         torn_tail,

@@ -435,8 +435,10 @@ fn say(s: &str) {
     let _ = o.flush();
 }
 
+type Test = (&'static str, fn() -> Outcome);
+
 fn main() {
-    let all: Vec<(&str, fn() -> Outcome)> = vec![
+    let all: Vec<Test> = vec![
         ("doctor", doctor),
         ("rewrite-exact", rewrite_exact),
         ("first-touch", first_touch),
@@ -447,7 +449,7 @@ fn main() {
         ("throttle-v2", throttle_v2),
         ("qemu-rate", qemu_rate),
     ];
-    let extra: Vec<(&str, fn() -> Outcome)> = vec![("bench-exact", bench_exact)];
+    let extra: Vec<Test> = vec![("bench-exact", bench_exact)];
     let want: Vec<String> = std::env::args().skip(1).collect();
     // Benchmarks run only when named.
     let selected = all

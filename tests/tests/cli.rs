@@ -109,7 +109,7 @@ fn profile_json_ranks_a_real_writer_with_verdict() {
         );
         let me = procs
             .iter()
-            .find(|p| p["pid"].to_string() == pid)
+            .find(|p| p["pid"] == pid)
             .expect("watched pid present");
         // A CPU-bound writer of fresh pages dirties far more than 25 % of 12.5 MB/s.
         assert_eq!(me["verdict"], "immp", "{me}");
