@@ -188,7 +188,15 @@ pub fn throttle(a: ThrottleArgs) -> anyhow::Result<i32> {
         cpu.pct(*id);
     }
 
+    // Test hook: proves that a panic mid-run still lifts every cap (the Throttler's Drop runs
+    // while the panic unwinds). Only the test suite sets it.
+    let panic_after: Option<u64> = std::env::var("IMMP_TEST_PANIC_AFTER").ok().and_then(|v| v.parse().ok());
+    let mut ticks = 0u64;
     let res = tick_loop(a.interval, a.duration, || {
+        ticks += 1;
+        if panic_after.is_some_and(|n| ticks > n) {
+            panic!("IMMP_TEST_PANIC_AFTER: injected panic");
+        }
         let snap = sampler.as_mut().map(Sampler::sample);
         if let (true, Some(snap), Some(s)) = (a.auto, &snap, &settings) {
             let caps: BTreeMap<ProcId, f64> = thr

@@ -387,3 +387,25 @@ fn a_process_that_exits_while_capped_is_not_an_error() {
         "cap cgroup removed"
     );
 }
+
+#[test]
+fn a_panic_still_lifts_the_cap() {
+    let j = journal_dir("panic");
+    let w = Workload::start(&["idle"]);
+    let before = cpu_cgroup(w.pid());
+    let o = Command::new(immp_bin())
+        .args(["throttle", "--pid", &w.pid().to_string(), "--cap", "20%", "--interval", "300ms", "--format", "json"])
+        .env("IMMP_JOURNAL_DIR", &j)
+        .env("IMMP_TEST_PANIC_AFTER", "2")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "the injected panic ends the run");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("injected panic"));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("\"event\":\"capped\""), "{text}");
+    assert_eq!(cpu_cgroup(w.pid()), before, "restored during unwinding");
+    assert!(!cpu_tree().iter().any(|d| d.contains(&format!("immp-{}-", w.pid()))));
+    let o = immp(&j, &["restore", "--format", "json"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("nothing"), "journal closed cleanly");
+}
