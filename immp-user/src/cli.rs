@@ -366,7 +366,7 @@ fn profile(a: ProfileArgs) -> anyhow::Result<i32> {
     };
     let link = a.bandwidth.map(|bw| crate::predict::Link {
         bandwidth: bw,
-        ram: a.ram.unwrap_or_else(crate::throttle_cmd::mem_total),
+        ram: a.ram.unwrap_or_else(crate::procinfo::mem_total),
         downtime_limit: a.downtime,
         max_rounds: 30,
     });

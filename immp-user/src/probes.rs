@@ -257,6 +257,11 @@ impl Probes {
         self.counters.iter().filter_map(Result::ok).collect()
     }
 
+    /// One process's counters (a single lookup, for window boundaries).
+    pub fn counters_of(&self, pid: u32) -> Option<Counters> {
+        self.counters.get(&pid, 0).ok()
+    }
+
     /// Exit events queued since the last call.
     pub fn drain_exits(&mut self) -> Vec<ExitEvent> {
         let mut out = Vec::new();

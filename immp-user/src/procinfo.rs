@@ -83,16 +83,26 @@ pub fn parse_cpu_cgroup(text: &str) -> String {
     unified.unwrap_or_default()
 }
 
+/// A `Key:   N kB` field of a /proc file, in bytes.
+fn kb_field(path: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let v = text.lines().find_map(|l| l.strip_prefix(key))?;
+    v.trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(|kb| kb * 1024)
+}
+
 /// Anonymous memory backed by transparent huge pages, bytes (smaps_rollup AnonHugePages).
 pub fn anon_huge_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("AnonHugePages:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
+    kb_field(&format!("/proc/{pid}/smaps_rollup"), "AnonHugePages:").unwrap_or(0)
+}
+
+/// This machine's RAM, bytes (inside a guest: the RAM that migration sends).
+pub fn mem_total() -> f64 {
+    kb_field("/proc/meminfo", "MemTotal:").map_or(1e9, |b| b as f64)
 }
 
 /// Seconds since boot (for process ages).

@@ -214,7 +214,7 @@ impl Sampler {
                 })
                 .take(s.exact_max)
                 .collect();
-            s.arm(ids);
+            s.arm(ids, &HashMap::new());
         }
         s.last = Instant::now();
         Ok(s)
@@ -231,47 +231,60 @@ impl Sampler {
     /// A process that only rewrites pages it already has takes no fault until it is armed, so
     /// the slots the busiest writers leave free go round all other processes in turn: each is
     /// looked at every few windows, and kept armed once it shows writes.
-    fn arm(&mut self, busiest: Vec<ProcId>) {
-        self.armed.clear();
+    fn arm(&mut self, busiest: Vec<ProcId>, rearmed: &HashMap<u32, Counters>) {
+        let previous = std::mem::take(&mut self.armed);
         let me = std::process::id();
-        let arm = |armed: &mut HashSet<ProcId>, id: ProcId| {
-            if id.pid != me && !armed.contains(&id) && crate::softdirty::clear_refs(id.pid).is_ok()
-            {
-                armed.insert(id);
-            }
-        };
-        for id in self.watch.clone() {
-            arm(&mut self.armed, id);
-        }
         let budget = self.watch.len() + self.exact_max;
-        for id in busiest {
-            if self.armed.len() >= budget {
-                return;
-            }
-            arm(&mut self.armed, id);
+        let mut pids: Vec<u32> = Vec::new();
+        let mut candidates: Vec<ProcId> = self.watch.iter().copied().chain(busiest).collect();
+        if candidates.len() < budget {
+            pids = std::fs::read_dir("/proc")
+                .map(|rd| {
+                    rd.flatten()
+                        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                        .collect()
+                })
+                .unwrap_or_default();
+            pids.sort_unstable();
         }
-        let mut pids: Vec<u32> = std::fs::read_dir("/proc")
-            .map(|rd| {
-                rd.flatten()
-                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default();
-        pids.sort_unstable();
         let start = pids.partition_point(|&p| p <= self.cursor);
-        for &pid in pids[start..].iter().chain(&pids[..start]) {
+        let mut rotation = pids[start..].iter().chain(&pids[..start]);
+        loop {
             if self.armed.len() >= budget {
                 break;
             }
-            self.cursor = pid;
-            if let Some(st) = procinfo::stat(pid).filter(|s| !s.kernel_thread) {
-                arm(&mut self.armed, st.id);
+            let id = match candidates.is_empty() {
+                false => candidates.remove(0),
+                true => {
+                    let Some(&pid) = rotation.next() else { break };
+                    self.cursor = pid;
+                    match procinfo::stat(pid).filter(|s| !s.kernel_thread) {
+                        Some(st) => st.id,
+                        None => continue,
+                    }
+                }
+            };
+            if id.pid == me || self.armed.contains(&id) {
+                continue;
+            }
+            if previous.contains(&id) && rearmed.contains_key(&id.pid) {
+                self.armed.insert(id); // already re-armed at the window boundary
+                continue;
+            }
+            if crate::softdirty::clear_refs(id.pid).is_ok() {
+                // Its next window starts now: take the baseline now too.
+                if let Some(c) = self.probes.counters_of(id.pid) {
+                    self.prev.insert(
+                        id.pid,
+                        Prev {
+                            counters: c,
+                            id: Some(id),
+                        },
+                    );
+                }
+                self.armed.insert(id);
             }
         }
-    }
-
-    pub fn probes(&self) -> &Probes {
-        &self.probes
     }
 
     pub fn sample(&mut self) -> Snapshot {
@@ -319,7 +332,34 @@ impl Sampler {
             }
         }
 
-        let live = self.probes.read_counters();
+        // Exact windows end here for the armed processes: each is re-armed and its counters
+        // read right away, so that the count's boundary is the window's (a gap between the two
+        // would count a page written in it twice).
+        // --verify reads pagemap first: re-arming clears the bits it counts.
+        let verify_sd = self
+            .verify
+            .filter(|v| self.armed.contains(v))
+            .and_then(|v| {
+                crate::softdirty::count_soft_dirty(v.pid)
+                    .ok()
+                    .map(|sd| (v.pid, sd))
+            });
+        let mut boundary: HashMap<u32, Counters> = HashMap::new();
+        if self.exact {
+            for id in &self.armed {
+                if crate::softdirty::clear_refs(id.pid).is_ok()
+                    && let Some(c) = self.probes.counters_of(id.pid)
+                {
+                    boundary.insert(id.pid, c);
+                }
+            }
+        }
+        let mut live = self.probes.read_counters();
+        for (pid, c) in &mut live {
+            if let Some(b) = boundary.get(pid) {
+                *c = *b;
+            }
+        }
         let mut present = HashSet::with_capacity(live.len());
         for (pid, c) in &live {
             present.insert(*pid);
@@ -417,20 +457,11 @@ impl Sampler {
 
         // Samples of processes armed for this window are exact; then re-arm for the next one.
         let exact_armed = self.armed.len();
-        // Read pagemap before re-arming clears the bits.
-        let verify = self
-            .verify
-            .filter(|v| self.armed.contains(v))
-            .and_then(|v| {
-                let counted = counted_faults.get(&v.pid).copied().unwrap_or(0);
-                crate::softdirty::count_soft_dirty(v.pid)
-                    .ok()
-                    .map(|sd| Verify {
-                        pid: v.pid,
-                        counted_pages: counted,
-                        soft_dirty_pages: sd,
-                    })
-            });
+        let verify = verify_sd.map(|(pid, sd)| Verify {
+            pid,
+            counted_pages: counted_faults.get(&pid).copied().unwrap_or(0),
+            soft_dirty_pages: sd,
+        });
         if self.exact {
             for p in &mut processes {
                 // A write-protect fault on a transparent huge page re-dirties 512 pages at
@@ -448,7 +479,7 @@ impl Sampler {
                 .take(self.exact_max)
                 .map(ProcSample::id)
                 .collect();
-            self.arm(next);
+            self.arm(next, &boundary);
         }
 
         Snapshot {
@@ -488,11 +519,10 @@ impl Sampler {
 
     fn live_sample(&mut self, st: &procinfo::ProcStat, d: &Delta, dt: f64) -> ProcSample {
         let id = st.id;
-        let names = self.names.entry(id).or_insert_with(|| Names {
+        self.names.entry(id).or_insert_with(|| Names {
             comm: st.comm.clone(),
             cmdline: procinfo::cmdline(id.pid),
         });
-        let (comm, cmdline) = (names.comm.clone(), names.cmdline.clone());
         // CPU share over the interval; a process first seen now gets its lifetime average.
         let cpu_pct = match self.cpu_prev.insert(id, st.cpu_ticks) {
             Some(before) => st.cpu_ticks.saturating_sub(before) as f64 / self.tps / dt * 100.0,
@@ -501,24 +531,17 @@ impl Sampler {
                 st.cpu_ticks as f64 / self.tps / age.max(0.01) * 100.0
             }
         };
-        let (rates, bps) = self.rates(d, dt);
         ProcSample {
-            pid: id.pid,
-            start_time: id.start_time,
-            comm,
-            cmdline,
-            rates,
-            dirty_bytes_per_s: bps,
             cpu_pct,
             rss_bytes: st.rss_bytes,
             cgroup: procinfo::cpu_cgroup(id.pid),
             gone: false,
-            exact: false,
-            curve: Vec::new(),
+            ..self.gone_sample(id, d, dt)
         }
     }
 
-    fn gone_sample(&mut self, id: ProcId, d: &Delta, dt: f64) -> ProcSample {
+    /// A process that is no longer there: its name as last seen, its counts, nothing else.
+    fn gone_sample(&self, id: ProcId, d: &Delta, dt: f64) -> ProcSample {
         let (comm, cmdline) = self
             .names
             .get(&id)

@@ -178,28 +178,18 @@ impl Throttler {
         }
         let placement = self.plan(id, comm)?;
         self.journal.append(&Entry::Place(placement.clone()))?;
-        match self.apply(&placement, pct) {
-            Ok(true) => {
-                self.active.insert(id, (placement, pct));
-                Ok(true)
-            }
-            Ok(false) => {
-                let _ = undo(&placement);
-                self.journal.append(&Entry::Restored {
-                    pid: id.pid,
-                    start_time: id.start_time,
-                })?;
-                Ok(false)
-            }
-            Err(e) => {
-                let _ = undo(&placement);
-                self.journal.append(&Entry::Restored {
-                    pid: id.pid,
-                    start_time: id.start_time,
-                })?;
-                Err(e)
-            }
+        let applied = self.apply(&placement, pct);
+        if let Ok(true) = applied {
+            self.active.insert(id, (placement, pct));
+            return Ok(true);
         }
+        // Vanished meanwhile, or failed half-way: undo whatever part was done.
+        let _ = undo(&placement);
+        self.journal.append(&Entry::Restored {
+            pid: id.pid,
+            start_time: id.start_time,
+        })?;
+        applied
     }
 
     fn plan(&self, id: ProcId, comm: &str) -> anyhow::Result<Placement> {

@@ -98,18 +98,6 @@ struct Line {
     dirty_bytes_per_s: Option<f64>,
 }
 
-/// This machine's RAM (inside a guest: the guest RAM that migration sends).
-pub fn mem_total() -> f64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("MemTotal:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        })
-        .map_or(1e9, |kb| kb * 1024.0)
-}
-
 pub fn throttle(a: ThrottleArgs) -> anyhow::Result<i32> {
     crate::require_root()?;
     // Everything is validated before anything changes.
@@ -170,7 +158,7 @@ pub fn throttle(a: ThrottleArgs) -> anyhow::Result<i32> {
     let settings = a.bandwidth.map(|bw| AutoSettings {
         link: Link {
             bandwidth: bw,
-            ram: a.ram.unwrap_or_else(mem_total),
+            ram: a.ram.unwrap_or_else(procinfo::mem_total),
             downtime_limit: a.downtime,
             max_rounds: 30,
         },
@@ -190,7 +178,9 @@ pub fn throttle(a: ThrottleArgs) -> anyhow::Result<i32> {
 
     // Test hook: proves that a panic mid-run still lifts every cap (the Throttler's Drop runs
     // while the panic unwinds). Only the test suite sets it.
-    let panic_after: Option<u64> = std::env::var("IMMP_TEST_PANIC_AFTER").ok().and_then(|v| v.parse().ok());
+    let panic_after: Option<u64> = std::env::var("IMMP_TEST_PANIC_AFTER")
+        .ok()
+        .and_then(|v| v.parse().ok());
     let mut ticks = 0u64;
     let res = tick_loop(a.interval, a.duration, || {
         ticks += 1;

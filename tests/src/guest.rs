@@ -155,8 +155,12 @@ fn mixed_rank() -> Outcome {
         .collect();
     let want = vec![ids[1].pid, ids[2].pid, ids[0].pid];
     let counts: Vec<f64> = ids.iter().map(|i| pages(&snap, i.pid)).collect();
+    let exact = counts
+        .iter()
+        .zip([1024.0, 4096.0, 2048.0])
+        .all(|(c, n)| within(*c, n, 0.01));
     check(
-        order == want,
+        order == want && exact,
         format!("order {order:?} (want {want:?}), pages {counts:?} for 1024/4096/2048"),
     )
 }

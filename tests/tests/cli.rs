@@ -109,14 +109,18 @@ fn profile_json_ranks_a_real_writer_with_verdict() {
         );
         let me = procs
             .iter()
-            .find(|p| p["pid"] == pid)
-            .expect("watched pid present");
+            .find(|p| p["pid"].as_u64() == Some(w.pid() as u64))
+            .unwrap_or_else(|| panic!("watched pid {pid} missing from {v}"));
         // A CPU-bound writer of fresh pages dirties far more than 25 % of 12.5 MB/s.
         assert_eq!(me["verdict"], "immp", "{me}");
         assert!(me["rates"]["write_new"].as_f64().unwrap() > 1000.0);
         assert!(me["cpu_pct"].as_f64().unwrap() > 20.0);
         assert!(me["start_time"].as_u64().unwrap() > 0);
-        assert_eq!(procs[0]["pid"].to_string(), pid, "the writer ranks first");
+        assert_eq!(
+            procs[0]["pid"].as_u64(),
+            Some(w.pid() as u64),
+            "the writer ranks first"
+        );
     }
 }
 

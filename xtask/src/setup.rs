@@ -32,17 +32,7 @@ pub fn ensure() -> anyhow::Result<()> {
         .filter(|(_, f)| !Path::new(f).exists())
         .map(|(p, _)| *p)
         .collect();
-    if !missing.is_empty() {
-        eprintln!("xtask setup: installing {} (apt)", missing.join(" "));
-        crate::run(Command::new("apt-get").args(["update", "-qq"]))?;
-        crate::run(
-            Command::new("apt-get")
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .args(["install", "-y", "-qq"])
-                .args(&missing),
-        )
-        .context("apt-get install (are you root?)")?;
-    }
+    apt_install(&missing)?;
     if !bpf_linker_ok() {
         eprintln!(
             "xtask setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)"
@@ -93,6 +83,11 @@ pub fn ensure_vm() -> anyhow::Result<()> {
         .filter(|(_, f)| !Path::new(f).exists())
         .map(|(p, _)| *p)
         .collect();
+    apt_install(&missing)
+}
+
+/// Installs these Debian packages (nothing when the list is empty).
+fn apt_install(missing: &[&str]) -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
@@ -102,6 +97,7 @@ pub fn ensure_vm() -> anyhow::Result<()> {
         Command::new("apt-get")
             .env("DEBIAN_FRONTEND", "noninteractive")
             .args(["install", "-y", "-qq"])
-            .args(&missing),
+            .args(missing),
     )
+    .context("apt-get install (are you root?)")
 }
