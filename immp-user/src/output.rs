@@ -289,6 +289,25 @@ impl<W: Write> Printer<W> {
                     .map_or_else(|| "-".into(), |c| format!("{c:.0}%")),
                 p.cgroup
             )?;
+            if !p.curve.is_empty() {
+                let pts: Vec<String> = p
+                    .curve
+                    .iter()
+                    .map(|c| {
+                        format!(
+                            "{:.2}s {}",
+                            c.window_s,
+                            fmt_bytes(c.pages * snap.page_size as f64)
+                        )
+                    })
+                    .collect();
+                writeln!(
+                    o,
+                    "{:>7} curve (dirtied per window): {}",
+                    "",
+                    pts.join(", ")
+                )?;
+            }
         }
         writeln!(o)
     }

@@ -56,6 +56,17 @@ impl Emitter {
     }
 }
 
+fn emitter(f: Option<Format>) -> anyhow::Result<Emitter> {
+    match Format::resolve(f) {
+        Format::Csv => Err(crate::usage(
+            "this command prints events: --format table or json",
+        )),
+        f => Ok(Emitter {
+            json: f == Format::Json,
+        }),
+    }
+}
+
 fn describe(u: &Undone) -> String {
     match u {
         Undone::MovedBack { moved, to } => format!(
@@ -108,9 +119,7 @@ pub fn throttle(a: ThrottleArgs) -> anyhow::Result<i32> {
         .iter()
         .map(|&p| validate_target(p))
         .collect::<anyhow::Result<_>>()?;
-    let out = Emitter {
-        json: Format::resolve(a.format) == Format::Json,
-    };
+    let out = emitter(a.format)?;
     let probes = match Probes::load(&a.probe.options()) {
         Ok(p) => Some(p),
         Err(e) if a.auto => {
@@ -330,9 +339,7 @@ pub fn throttle(a: ThrottleArgs) -> anyhow::Result<i32> {
 
 pub fn restore(a: RestoreArgs) -> anyhow::Result<i32> {
     crate::require_root()?;
-    let out = Emitter {
-        json: Format::resolve(a.format) == Format::Json,
-    };
+    let out = emitter(a.format)?;
     let mut j = Journal::open(&a.journal_dir).context("opening the journal")?;
     let done = restore_all(&mut j)?;
     if done.is_empty() {
