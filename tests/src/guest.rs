@@ -428,6 +428,57 @@ fn bench_exact() -> Outcome {
     Ok("bench done".into())
 }
 
+/// The migration lab's guest side (`cargo xtask bench migrate`): start the workload of a
+/// scenario, say IMMP-LAB-READY once it is in steady state, then keep running while the host
+/// migrates the VM. Never returns.
+fn lab(scenario: &str) -> ! {
+    let (pages, work) = std::env::var("IMMP_RING")
+        .ok()
+        .and_then(|v| {
+            let (a, b) = v.split_once(',')?;
+            Some((a.to_string(), b.to_string()))
+        })
+        .unwrap_or(("49152".into(), "30000".into()));
+    let _writer = (scenario != "idle").then(|| start(&["ring", &pages, &work]));
+    if scenario == "auto" {
+        let mut c = Command::new(IMMP)
+            .args([
+                "throttle",
+                "--auto",
+                "--bandwidth",
+                "100Mbit",
+                "--interval",
+                "2s",
+                "--format",
+                "json",
+            ])
+            .env("IMMP_JOURNAL_DIR", "/tmp/journal")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("immp throttle");
+        let out = std::io::BufReader::new(c.stdout.take().expect("stdout"));
+        let mut ready = false;
+        for line in std::io::BufRead::lines(out).map_while(Result::ok) {
+            if line.contains("\"event\":\"decision\"") || line.contains("\"event\":\"prediction\"")
+            {
+                say(&format!("IMMP-LAB-EVENT {line}"));
+            }
+            if !ready
+                && line.contains("\"event\":\"decision\"")
+                && line.contains("\"action\":\"cap\"")
+            {
+                ready = true;
+                say("IMMP-LAB-READY");
+            }
+        }
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    say("IMMP-LAB-READY");
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
 fn median_of(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
@@ -455,6 +506,9 @@ fn main() {
     ];
     let extra: Vec<Test> = vec![("bench-exact", bench_exact)];
     let want: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(scenario) = want.first().and_then(|w| w.strip_prefix("lab-")) {
+        lab(scenario);
+    }
     // Benchmarks run only when named.
     let selected = all
         .into_iter()

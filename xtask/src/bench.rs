@@ -11,7 +11,7 @@ use clap::Subcommand;
 
 use crate::release_bin;
 
-#[derive(Subcommand, Clone, Copy)]
+#[derive(Subcommand, Clone)]
 pub enum Which {
     /// Cost of the probes per page fault: fault storm with and without immp, interleaved
     Overhead {
@@ -28,6 +28,16 @@ pub enum Which {
     /// Exact mode's cost, in the QEMU guest (soft-dirty): re-arm time per GiB of RSS, writer
     /// slowdown under 1 s windows
     Exact,
+    /// The migration lab: live-migrate a guest (QEMU TCG, 512 MiB, 100 Mbit/s over loopback)
+    /// idle, with a heavy writer, and with the same writer under `immp throttle --auto`
+    Migrate {
+        /// Writer: ring pages and compute per page (the `ring` workload)
+        #[arg(long, default_value = "49152,30000")]
+        ring: String,
+        /// Give up (migrate_cancel) after this many seconds
+        #[arg(long, default_value_t = 150)]
+        limit: u64,
+    },
     /// CPU caps of 10/20/50 %: share and jitter per 100 ms, immp's cgroup cap vs SIGSTOP/SIGCONT
     Cap {
         #[arg(long, default_value_t = 5)]
@@ -41,6 +51,7 @@ pub fn run(w: Which) -> anyhow::Result<()> {
         Which::Agent { procs, seconds } => agent(procs, seconds),
         Which::Cap { seconds } => cap(seconds),
         Which::Exact => exact(),
+        Which::Migrate { ref ring, limit } => migrate(ring, limit),
     }
 }
 
@@ -354,6 +365,66 @@ fn exact() -> anyhow::Result<()> {
     );
     for l in out.lines().filter_map(|l| l.strip_prefix("IMMP-BENCH ")) {
         println!("  {l}");
+    }
+    Ok(())
+}
+
+fn migrate(ring: &str, limit: u64) -> anyhow::Result<()> {
+    let runs = crate::vm::migrate_lab(
+        &["idle", "writer", "auto"],
+        ring,
+        Duration::from_secs(limit),
+    )?;
+    println!(
+        "bench migrate: 512 MiB guest, 1 vCPU (TCG), 100 Mbit/s, downtime limit 300 ms, ring writer {ring}"
+    );
+    println!(
+        "  {:<8} {:<14} {:>9} {:>10} {:>7} {:>10}  caps chosen by immp",
+        "guest", "result", "time", "downtime", "rounds", "sent"
+    );
+    for m in &runs {
+        println!(
+            "  {:<8} {:<14} {:>8.1}s {:>10} {:>7} {:>8.0}MB  {}",
+            m.scenario,
+            if m.completed {
+                "completed"
+            } else {
+                "NOT converged"
+            },
+            m.total_s,
+            m.downtime_ms.map_or_else(
+                || m.expected_downtime_ms
+                    .map_or("-".into(), |e| format!("(exp {e:.0}ms)")),
+                |d| format!("{d:.0}ms")
+            ),
+            m.rounds,
+            m.transferred_mb,
+            if m.caps.is_empty() {
+                "-".into()
+            } else {
+                m.caps
+                    .iter()
+                    .map(|c| format!("{c:.0}%"))
+                    .collect::<Vec<_>>()
+                    .join(" -> ")
+            }
+        );
+    }
+    let get = |n: &str| runs.iter().find(|m| m.scenario == n);
+    if let (Some(w), Some(a)) = (get("writer"), get("auto")) {
+        match (w.completed, a.completed) {
+            (true, true) => println!(
+                "  ratio: migration time with immp / without: {:.3}",
+                a.total_s / w.total_s
+            ),
+            (false, true) => println!(
+                "  ratio: without immp it did not converge in {limit} s; with immp it took {:.1} s",
+                a.total_s
+            ),
+            (_, false) => println!(
+                "  ratio: with immp it did not converge either (see the lab serial logs in target/vm)"
+            ),
+        }
     }
     Ok(())
 }

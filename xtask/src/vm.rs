@@ -95,6 +95,8 @@ insmod /modules/brd.ko rd_nr=1 rd_size=65536
 mke2fs -q /dev/ram0 && mount -t ext2 /dev/ram0 /mnt
 echo "IMMP-BOOTED $(uname -r) thp=$(cat /sys/kernel/mm/transparent_hugepage/enabled) mnt=$(grep -c " /mnt " /proc/mounts)"
 tests=$(sed -n 's/.*immp\.tests=\([^ ]*\).*/\1/p' /proc/cmdline | tr , ' ')
+lab=$(sed -n 's/.*immp\.lab=\([^ ]*\).*/\1/p' /proc/cmdline)
+if [ -n "$lab" ]; then /bin/immp-guest "lab-$lab"; fi
 /bin/immp-guest $tests
 sync
 poweroff -f
@@ -156,40 +158,74 @@ pub struct Guest {
 
 impl Guest {
     pub fn boot(vmlinuz: &Path, initrd: &Path, tests: &[String]) -> anyhow::Result<Self> {
-        let log = vm_dir().join("serial.log");
-        let qmp = vm_dir().join("qmp.sock");
+        Self::start(
+            "test",
+            vmlinuz,
+            initrd,
+            &format!("immp.tests={}", tests.join(",")),
+            None,
+        )
+    }
+
+    /// Starts QEMU; `name` keeps the log and QMP socket of several guests apart; `incoming`
+    /// makes it a migration destination listening on 127.0.0.1:PORT.
+    pub fn start(
+        name: &str,
+        vmlinuz: &Path,
+        initrd: &Path,
+        words: &str,
+        incoming: Option<u16>,
+    ) -> anyhow::Result<Self> {
+        let log = vm_dir().join(format!("{name}.serial.log"));
+        let qmp = vm_dir().join(format!("{name}.qmp.sock"));
         let _ = std::fs::remove_file(&log);
         let _ = std::fs::remove_file(&qmp);
-        let append = format!(
-            "console=ttyS0 quiet panic=-1 immp.tests={}",
-            tests.join(",")
-        );
-        let child = Command::new("qemu-system-x86_64")
-            .args([
-                "-accel",
-                "tcg",
-                "-m",
-                &GUEST_RAM_MB.to_string(),
-                "-smp",
-                "1",
-                "-nographic",
-                "-no-reboot",
-            ])
-            .arg("-kernel")
-            .arg(vmlinuz)
-            .arg("-initrd")
-            .arg(initrd)
-            .args(["-append", &append])
-            .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
-            .arg("-serial")
-            .arg(format!("file:{}", log.display()))
-            .args(["-monitor", "none"])
+        let append = format!("console=ttyS0 quiet panic=-1 {words}");
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args([
+            "-accel",
+            "tcg",
+            "-m",
+            &GUEST_RAM_MB.to_string(),
+            "-smp",
+            "1",
+            "-nographic",
+            "-no-reboot",
+        ])
+        .arg("-kernel")
+        .arg(vmlinuz)
+        .arg("-initrd")
+        .arg(initrd)
+        .args(["-append", &append])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+        .arg("-serial")
+        .arg(format!("file:{}", log.display()))
+        .args(["-monitor", "none"]);
+        if let Some(port) = incoming {
+            cmd.args(["-incoming", &format!("tcp:127.0.0.1:{port}")]);
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
             .context("starting qemu-system-x86_64")?;
         Ok(Self { child, log, qmp })
+    }
+
+    /// Waits until the serial log contains `marker`.
+    pub fn wait_for(&mut self, marker: &str, timeout: Duration) -> anyhow::Result<()> {
+        let t = Instant::now();
+        while !self.serial().contains(marker) {
+            if self.exited() {
+                bail!("guest exited before {marker}; log {}", self.log.display());
+            }
+            if t.elapsed() > timeout {
+                bail!("no {marker} after {timeout:?}; log {}", self.log.display());
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        Ok(())
     }
 
     pub fn serial(&self) -> String {
@@ -384,7 +420,7 @@ pub fn test(tests: Vec<String>) -> anyhow::Result<(u64, u64)> {
         "vm-test: {} in {:.0}s (serial log {})",
         vmlinuz.display(),
         started.elapsed().as_secs_f64(),
-        vm_dir().join("serial.log").display()
+        vm_dir().join("test.serial.log").display()
     );
     println!("{:<16} {:<5} DETAIL", "TEST", "");
     for (n, p, d) in &rows {
@@ -395,8 +431,92 @@ pub fn test(tests: Vec<String>) -> anyhow::Result<(u64, u64)> {
     if rows.is_empty() {
         bail!(
             "the guest ran no test (see {})",
-            vm_dir().join("serial.log").display()
+            vm_dir().join("test.serial.log").display()
         );
     }
     Ok(((rows.len() - failed) as u64, failed as u64))
+}
+
+/// One live migration of a fresh guest running `scenario`, at 12.5 MB/s (100 Mbit/s) over
+/// 127.0.0.1, cancelled after `limit`.
+pub struct Migration {
+    pub scenario: String,
+    pub completed: bool,
+    pub total_s: f64,
+    pub downtime_ms: Option<f64>,
+    pub rounds: u64,
+    pub transferred_mb: f64,
+    pub expected_downtime_ms: Option<f64>,
+    pub caps: Vec<f64>,
+}
+
+pub fn migrate_lab(
+    scenarios: &[&str],
+    ring: &str,
+    limit: Duration,
+) -> anyhow::Result<Vec<Migration>> {
+    crate::setup::ensure_vm()?;
+    run(crate::cargo().args(["build", "--release", "--workspace", "--bins"]))?;
+    let (vmlinuz, modules) = kernel()?;
+    let initrd = initramfs(&modules)?;
+    let mut out = Vec::new();
+    for (i, sc) in scenarios.iter().enumerate() {
+        let words = format!("immp.lab={sc} IMMP_RING={ring}");
+        let port = 44440 + i as u16;
+        eprintln!("lab: {sc}: booting the source guest");
+        let mut src = Guest::start(&format!("src-{sc}"), &vmlinuz, &initrd, &words, None)?;
+        src.wait_for("IMMP-LAB-READY", Duration::from_secs(300))?;
+        let dst = Guest::start(&format!("dst-{sc}"), &vmlinuz, &initrd, &words, Some(port))?;
+        std::thread::sleep(Duration::from_secs(1));
+        let mut q = Qmp::connect(&src.qmp)?;
+        q.cmd(
+            "migrate-set-parameters",
+            serde_json::json!({"max-bandwidth": 12_500_000, "downtime-limit": 300}),
+        )?;
+        q.cmd(
+            "migrate",
+            serde_json::json!({"uri": format!("tcp:127.0.0.1:{port}")}),
+        )?;
+        eprintln!("lab: {sc}: migrating at 100 Mbit/s");
+        let t = Instant::now();
+        let (completed, last) = loop {
+            std::thread::sleep(Duration::from_millis(500));
+            let r = q.cmd("query-migrate", serde_json::json!({}))?;
+            match r["status"].as_str().unwrap_or("") {
+                "completed" => break (true, r),
+                "failed" => bail!("{sc}: migration failed: {r}"),
+                _ if t.elapsed() > limit => {
+                    let _ = q.cmd("migrate_cancel", serde_json::json!({}));
+                    break (false, r);
+                }
+                _ => {}
+            }
+        };
+        let caps: Vec<f64> = src
+            .serial()
+            .lines()
+            .filter(|l| l.contains("\"action\":\"cap\""))
+            .filter_map(|l| {
+                let v: serde_json::Value =
+                    serde_json::from_str(l.trim_start_matches("IMMP-LAB-EVENT ")).ok()?;
+                v["cap_pct"].as_f64()
+            })
+            .collect();
+        let ram = &last["ram"];
+        out.push(Migration {
+            scenario: sc.to_string(),
+            completed,
+            total_s: last["total-time"]
+                .as_f64()
+                .map_or(t.elapsed().as_secs_f64(), |ms| ms / 1e3),
+            downtime_ms: last["downtime"].as_f64(),
+            rounds: ram["dirty-sync-count"].as_u64().unwrap_or(0),
+            transferred_mb: ram["transferred"].as_f64().unwrap_or(0.0) / 1e6,
+            expected_downtime_ms: last["expected-downtime"].as_f64(),
+            caps,
+        });
+        drop(dst);
+        drop(src);
+    }
+    Ok(out)
 }
