@@ -191,6 +191,10 @@ pub struct ThrottleArgs {
     /// A process dirtying at least this share of the link may be capped
     #[arg(long, default_value = "25%", value_parser = parse_share)]
     pub immp_share: f64,
+    /// Plan caps so that migration converges using only (100 % - this) of the link: a margin
+    /// for dirtying the counts do not see (kernel work on the process's behalf, noise)
+    #[arg(long, default_value = "20%", value_parser = parse_headroom)]
+    pub headroom: f64,
     /// Lift all caps after this long (e.g. 10m); default: until Ctrl-C
     #[arg(long, value_parser = units::parse_positive_duration)]
     pub duration: Option<Duration>,
@@ -218,6 +222,14 @@ pub struct RestoreArgs {
     /// Output format (default: table on a terminal, json otherwise)
     #[arg(long, value_enum)]
     pub format: Option<Format>,
+}
+
+fn parse_headroom(s: &str) -> Result<f64, String> {
+    let p = units::parse_percent(s).map_err(|e| e.to_string())?;
+    if !(0.0..95.0).contains(&p) {
+        return Err(format!("'{s}' must be at least 0% and below 95%"));
+    }
+    Ok(p / 100.0)
 }
 
 fn parse_cap(s: &str) -> Result<f64, String> {

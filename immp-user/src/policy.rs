@@ -22,8 +22,11 @@ pub struct AutoSettings {
     pub immp_share: f64,
     /// A cap changes only if the new one differs by at least this many points.
     pub hysteresis_pct: f64,
-    /// A cap is lifted only after this many intervals in a row without need.
+    /// A cap is lifted (or loosened) only after this many intervals in a row without need.
     pub lift_after: u32,
+    /// Plan for this share of the link only (0.2: the prediction must converge at 80 % of the
+    /// bandwidth), a margin for what the counts miss (kernel-side dirtying, noise).
+    pub headroom: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -51,6 +54,8 @@ pub struct PolicyState {
     uncapped_cpu: BTreeMap<ProcId, f64>,
     /// Consecutive intervals a capped process was not needed.
     calm: BTreeMap<ProcId, u32>,
+    /// Consecutive intervals a capped process could have had a looser cap.
+    loosen: BTreeMap<ProcId, u32>,
 }
 
 pub struct Outcome {
@@ -103,6 +108,10 @@ pub fn decide(
     let named: f64 = writers.iter().map(|(_, p, _)| p.dirty_bytes_per_s).sum();
     let rest = (snap.totals.dirty_bytes_per_s - named).max(0.0);
     let background = Writer::linear(rest, s.link.ram, 0.0);
+    let plan = Link {
+        bandwidth: s.link.bandwidth * (1.0 - s.headroom).clamp(0.05, 1.0),
+        ..s.link
+    };
 
     let eval = |chosen: &BTreeMap<ProcId, f64>| -> Prediction {
         let mut v: Vec<(Writer, Option<f64>)> = writers
@@ -110,7 +119,7 @@ pub fn decide(
             .map(|(id, _, w)| (w.clone(), chosen.get(id).copied()))
             .collect();
         v.push((background.clone(), None));
-        predict(&s.link, &v)
+        predict(&plan, &v)
     };
     let without_caps = eval(&BTreeMap::new());
 
@@ -176,19 +185,54 @@ pub fn decide(
             trial.insert(*id, have);
             eval(&trial).within(s.target)
         };
-        let (action, reason) = match caps.get(id) {
-            Some(have)
-                if (have - want).abs() < s.hysteresis_pct && (have <= want || keep_ok(*have)) =>
-            {
+        // Tighten at once when needed; loosen only after `lift_after` intervals in a row that
+        // want it (measured rates are noisy: this keeps caps from flapping).
+        let (action, reason) = match caps.get(id).copied() {
+            None => (Action::Cap { cap_pct: *want }, why[id].clone()),
+            Some(have) if *want < have => {
+                st.loosen.remove(id);
+                if have - want < s.hysteresis_pct && keep_ok(have) {
+                    (
+                        Action::Keep { cap_pct: have },
+                        format!(
+                            "{} (keeping {have:.0}%: within {:.0} points)",
+                            why[id], s.hysteresis_pct
+                        ),
+                    )
+                } else {
+                    (Action::Cap { cap_pct: *want }, why[id].clone())
+                }
+            }
+            Some(have) if want - have < s.hysteresis_pct => {
+                st.loosen.remove(id);
                 (
-                    Action::Keep { cap_pct: *have },
+                    Action::Keep { cap_pct: have },
                     format!(
-                        "{} (keeping {:.0}%: within {:.0} points)",
-                        why[id], have, s.hysteresis_pct
+                        "{} (keeping {have:.0}%: within {:.0} points)",
+                        why[id], s.hysteresis_pct
                     ),
                 )
             }
-            _ => (Action::Cap { cap_pct: *want }, why[id].clone()),
+            Some(have) => {
+                let n = st.loosen.entry(*id).or_insert(0);
+                *n += 1;
+                if *n >= s.lift_after {
+                    st.loosen.remove(id);
+                    (
+                        Action::Cap { cap_pct: *want },
+                        format!("{} (loosened after {} intervals)", why[id], s.lift_after),
+                    )
+                } else {
+                    let n = *n;
+                    (
+                        Action::Keep { cap_pct: have },
+                        format!(
+                            "{} (keeping {have:.0}%: {n}/{} intervals before loosening)",
+                            why[id], s.lift_after
+                        ),
+                    )
+                }
+            }
         };
         in_force.insert(
             *id,
@@ -276,6 +320,7 @@ mod tests {
             immp_share: 0.25,
             hysteresis_pct: 5.0,
             lift_after: 3,
+            headroom: 0.0,
         }
     }
 
@@ -367,6 +412,16 @@ mod tests {
                 cap_pct: cap_pct - 2.0
             }
         );
+        // A much tighter cap than needed is loosened only on the 3rd interval that wants it.
+        let tight = BTreeMap::from([(id, cap_pct - 10.0)]);
+        let st2 = &mut PolicyState::default();
+        decide(&s, &settings(), &BTreeMap::new(), st2); // learn the uncapped CPU
+        for i in 1..=3 {
+            let o = decide(&snap(vec![capped.clone()]), &settings(), &tight, st2);
+            let loosened =
+                matches!(o.decisions[0].action, Action::Cap { cap_pct: c } if c > cap_pct - 10.0);
+            assert_eq!(loosened, i == 3, "interval {i}: {:?}", o.decisions[0]);
+        }
         // The writer calms down: kept for 2 intervals, lifted on the 3rd.
         let quiet = writer(1, 1000.0, 1.0);
         for i in 1..=3 {

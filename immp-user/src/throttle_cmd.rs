@@ -176,6 +176,7 @@ pub fn throttle(a: ThrottleArgs) -> anyhow::Result<i32> {
         immp_share: a.immp_share,
         hysteresis_pct: 5.0,
         lift_after: 3,
+        headroom: a.headroom,
     });
     let watch: Vec<ProcId> = targets.iter().map(|(id, _)| *id).collect();
     let mut sampler = probes.map(|p| Sampler::new(p, watch.clone()));

@@ -447,6 +447,8 @@ fn lab(scenario: &str) -> ! {
                 "--auto",
                 "--bandwidth",
                 "100Mbit",
+                "--floor",
+                "5%",
                 "--interval",
                 "2s",
                 "--format",

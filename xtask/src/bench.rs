@@ -37,6 +37,9 @@ pub enum Which {
         /// Give up (migrate_cancel) after this many seconds
         #[arg(long, default_value_t = 150)]
         limit: u64,
+        /// Which guests to migrate
+        #[arg(long, value_delimiter = ',', default_value = "idle,writer,auto")]
+        scenarios: Vec<String>,
     },
     /// CPU caps of 10/20/50 %: share and jitter per 100 ms, immp's cgroup cap vs SIGSTOP/SIGCONT
     Cap {
@@ -51,7 +54,11 @@ pub fn run(w: Which) -> anyhow::Result<()> {
         Which::Agent { procs, seconds } => agent(procs, seconds),
         Which::Cap { seconds } => cap(seconds),
         Which::Exact => exact(),
-        Which::Migrate { ref ring, limit } => migrate(ring, limit),
+        Which::Migrate {
+            ref ring,
+            limit,
+            ref scenarios,
+        } => migrate(ring, limit, scenarios),
     }
 }
 
@@ -369,12 +376,9 @@ fn exact() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn migrate(ring: &str, limit: u64) -> anyhow::Result<()> {
-    let runs = crate::vm::migrate_lab(
-        &["idle", "writer", "auto"],
-        ring,
-        Duration::from_secs(limit),
-    )?;
+fn migrate(ring: &str, limit: u64, scenarios: &[String]) -> anyhow::Result<()> {
+    let names: Vec<&str> = scenarios.iter().map(String::as_str).collect();
+    let runs = crate::vm::migrate_lab(&names, ring, Duration::from_secs(limit))?;
     println!(
         "bench migrate: 512 MiB guest, 1 vCPU (TCG), 100 Mbit/s, downtime limit 300 ms, ring writer {ring}"
     );
