@@ -212,12 +212,7 @@ impl Throttler {
                     .ok_or_else(|| anyhow!("PID {} is in no v1 cpu cgroup", id.pid))?;
                 // Nested under its own cgroup: every ancestor's cpu limit still applies, and
                 // only the cpu hierarchy changes (memory, pids, ... stay where they were).
-                let capped = format!(
-                    "{}/immp-{}-{}",
-                    original.trim_end_matches('/'),
-                    id.pid,
-                    id.start_time
-                );
+                let capped = cap_cgroup_under(&original, id);
                 Ok(Placement {
                     original,
                     capped,
@@ -251,12 +246,7 @@ impl Throttler {
                     let parent = Path::new(&original)
                         .parent()
                         .map_or("/".to_string(), |p| p.display().to_string());
-                    let capped = format!(
-                        "{}/immp-{}-{}",
-                        parent.trim_end_matches('/'),
-                        id.pid,
-                        id.start_time
-                    );
+                    let capped = cap_cgroup_under(&parent, id);
                     Ok(Placement {
                         original,
                         capped,
@@ -350,6 +340,17 @@ impl Drop for Throttler {
             }
         }
     }
+}
+
+/// The cgroup immp creates for one process under `parent` (named by pid and start time, so
+/// that a reused pid never shares it).
+fn cap_cgroup_under(parent: &str, id: ProcId) -> String {
+    format!(
+        "{}/immp-{}-{}",
+        parent.trim_end_matches('/'),
+        id.pid,
+        id.start_time
+    )
 }
 
 fn cgroup_line(text: &str, want: impl Fn(&str) -> bool) -> Option<String> {
