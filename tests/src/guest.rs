@@ -76,7 +76,11 @@ fn rewrite_exact() -> Outcome {
         pages(&s.sample(), me.pid)
     };
     let mut s = sampler(ModeChoice::Exact, vec![me], None);
-    s.sample(); // arms
+    // One window of warm-up: loading the probes just now took the single vCPU for a while,
+    // and a writer that got no CPU for part of a window really did dirty fewer pages.
+    s.sample();
+    std::thread::sleep(Duration::from_secs(1));
+    s.sample();
     let mut windows = Vec::new();
     for _ in 0..3 {
         std::thread::sleep(Duration::from_secs(1));
@@ -144,6 +148,8 @@ fn mixed_rank() -> Outcome {
     std::thread::sleep(Duration::from_millis(500));
     let mut s = sampler(ModeChoice::Exact, ids.clone(), None);
     s.sample();
+    std::thread::sleep(Duration::from_secs(1));
+    s.sample(); // warm-up window (see rewrite_exact)
     std::thread::sleep(Duration::from_secs(1));
     let snap = s.sample();
     let r = rank(&snap, &RankSettings::default());
@@ -473,6 +479,7 @@ fn lab(scenario: &str) -> ! {
                 say("IMMP-LAB-READY");
             }
         }
+        let _ = c.wait();
     }
     std::thread::sleep(Duration::from_secs(5));
     say("IMMP-LAB-READY");
