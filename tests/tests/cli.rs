@@ -144,11 +144,18 @@ fn profile_reports_a_process_that_exits_mid_run_as_gone() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(700));
+    // Its first interval means the probes are attached: only then start the work.
+    let mut child = child;
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut out, &mut first).unwrap();
     w.run();
     w.finish();
     let start = std::time::Instant::now();
-    let o = child.wait_with_output().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    let mut o = child.wait_with_output().unwrap();
+    o.stdout = format!("{first}{rest}").into_bytes();
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
         start.elapsed().as_secs() < 10,
