@@ -12,7 +12,7 @@ use immp::{
     probes::{ProbeOptions, Probes},
     rank::{RankSettings, rank},
     sampler::{ModeChoice, Sampler, SamplerOptions},
-    snapshot::{ProcId, Snapshot},
+    snapshot::{ProcId, ProcSample, Snapshot},
 };
 
 #[allow(dead_code)]
@@ -45,6 +45,14 @@ fn sampler(mode: ModeChoice, watch: Vec<ProcId>, verify: Option<ProcId>) -> Samp
 
 fn id(w: &Workload) -> ProcId {
     immp::procinfo::stat(w.pid()).expect("workload alive").id
+}
+
+/// The process's sample in a snapshot.
+fn find(s: &Snapshot, pid: u32) -> Result<&ProcSample, String> {
+    s.processes
+        .iter()
+        .find(|p| p.pid == pid)
+        .ok_or_else(|| format!("PID {pid} not in the snapshot"))
 }
 
 /// Distinct pages dirtied by `pid` in the snapshot's window.
@@ -85,11 +93,7 @@ fn rewrite_exact() -> Outcome {
     for _ in 0..3 {
         std::thread::sleep(Duration::from_secs(1));
         let snap = s.sample();
-        let p = snap
-            .processes
-            .iter()
-            .find(|p| p.pid == me.pid)
-            .ok_or("rewriter missing")?;
+        let p = find(&snap, me.pid)?;
         if !p.exact {
             return Err("sample not marked exact".into());
         }
@@ -127,11 +131,7 @@ fn file_write() -> Outcome {
     s.sample();
     w.run();
     let snap = s.sample();
-    let p = snap
-        .processes
-        .iter()
-        .find(|p| p.pid == w.pid())
-        .ok_or("writer missing")?;
+    let p = find(&snap, w.pid())?;
     let pc = p.rates.pagecache * snap.interval_s;
     check(
         within(pc, N as f64, 0.01),
@@ -211,11 +211,7 @@ fn thp_flagged_inner() -> Outcome {
     s.sample();
     std::thread::sleep(Duration::from_secs(1));
     let snap = s.sample();
-    let p = snap
-        .processes
-        .iter()
-        .find(|p| p.pid == me.pid)
-        .ok_or("missing")?;
+    let p = find(&snap, me.pid)?;
     check(
         huge > 0 && !p.exact,
         format!("AnonHugePages {huge} B, marked exact: {}", p.exact),
