@@ -116,11 +116,9 @@ fn profile_json_ranks_a_real_writer_with_verdict() {
         assert!(me["rates"]["write_new"].as_f64().unwrap() > 1000.0);
         assert!(me["cpu_pct"].as_f64().unwrap() > 20.0);
         assert!(me["start_time"].as_u64().unwrap() > 0);
-        assert_eq!(
-            procs[0]["pid"].as_u64(),
-            Some(w.pid() as u64),
-            "the writer ranks first"
-        );
+        // (Its rank among other tests' writers running in parallel is not this test's business:
+        // ranking order is tested on bracketed workloads in kernel_counts.)
+        assert!(me["dirty_bytes_per_s"].as_f64().unwrap() > 1e6, "{me}");
     }
 }
 
@@ -236,7 +234,13 @@ fn tracepoint_fallback_through_the_cli() {
     let v = &json_lines(&o)[0];
     assert_eq!(v["probes"], "tracepoint");
     assert_eq!(v["folio_pages_known"], false);
-    assert!(v["processes"][0]["rates"]["write_new"].as_f64().unwrap() > 100.0);
+    let me = v["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pid"].as_u64() == Some(w.pid() as u64))
+        .unwrap_or_else(|| panic!("writer missing from {v}"));
+    assert!(me["rates"]["write_new"].as_f64().unwrap() > 100.0, "{me}");
 }
 
 #[test]

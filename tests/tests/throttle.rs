@@ -155,7 +155,7 @@ fn sigkill_then_restore_puts_the_process_back() {
             "json",
         ],
     );
-    wait_until("capped", Duration::from_secs(10), || {
+    wait_until("capped", Duration::from_secs(30), || {
         cpu_cgroup(w.pid()).contains("immp-")
     });
     let capped = cpu_cgroup(w.pid());
@@ -303,7 +303,7 @@ fn second_instance_is_refused() {
             "8s",
         ],
     );
-    wait_until("first capped", Duration::from_secs(10), || {
+    wait_until("first capped", Duration::from_secs(30), || {
         cpu_cgroup(a.pid()).contains("immp-")
     });
     let b_before = cpu_cgroup(b.pid());
@@ -397,7 +397,7 @@ fn a_process_that_exits_while_capped_is_not_an_error() {
             "json",
         ],
     );
-    wait_until("capped", Duration::from_secs(10), || {
+    wait_until("capped", Duration::from_secs(30), || {
         cpu_cgroup(pid).contains("immp-")
     });
     drop(w); // kills it
