@@ -227,6 +227,8 @@ fn tracepoint_fallback_through_the_cli() {
         "tracepoint",
         "--duration",
         "1s",
+        "--top",
+        "100000",
         "--pid",
         &w.pid().to_string(),
     ]);
