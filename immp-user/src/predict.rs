@@ -58,15 +58,6 @@ impl Writer {
         };
         bytes.min(self.working_set).max(0.0)
     }
-
-    /// Dirty rate under a CPU cap: proportional to the CPU it gets (measured on real capped
-    /// writers in the tests; a writer that is not CPU-bound is unaffected until the cap bites).
-    pub fn rate_at(&self, cap_pct: Option<f64>) -> f64 {
-        match cap_pct {
-            Some(c) if self.cpu_pct > 0.0 && c < self.cpu_pct => self.rate * c / self.cpu_pct,
-            _ => self.rate,
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -238,8 +229,8 @@ mod tests {
     #[test]
     fn cap_scales_rate_only_when_it_bites() {
         let w = Writer::linear(10e6, 1e9, 50.0);
-        assert_eq!(w.rate_at(None), 10e6);
-        assert_eq!(w.rate_at(Some(80.0)), 10e6);
-        assert_eq!(w.rate_at(Some(25.0)), 5e6);
+        assert_eq!(w.dirtied(1.0, None), 10e6);
+        assert_eq!(w.dirtied(1.0, Some(80.0)), 10e6);
+        assert_eq!(w.dirtied(1.0, Some(25.0)), 5e6);
     }
 }

@@ -155,14 +155,6 @@ impl Throttler {
             .collect()
     }
 
-    pub fn is_capped(&self, id: &ProcId) -> bool {
-        self.active.contains_key(id)
-    }
-
-    pub fn cap_of(&self, id: &ProcId) -> Option<f64> {
-        self.active.get(id).map(|(_, c)| *c)
-    }
-
     /// Caps `id` at `pct` % of one CPU, or changes its cap. `Ok(false)` if it exited meanwhile.
     pub fn cap(&mut self, id: ProcId, comm: &str, pct: f64) -> anyhow::Result<bool> {
         validate_cap(pct)?;

@@ -113,6 +113,18 @@ fn stop(mut c: Child) {
     let _ = c.wait();
 }
 
+/// A forever-running `immp-workload MODE`, returned once it said `ready`.
+fn spawn_ready(mode: &str) -> anyhow::Result<Child> {
+    let mut c = Command::new(release_bin("immp-workload"))
+        .arg(mode)
+        .stdout(Stdio::piped())
+        .stdin(Stdio::null())
+        .spawn()?;
+    let mut l = String::new();
+    BufReader::new(c.stdout.as_mut().expect("stdout")).read_line(&mut l)?;
+    Ok(c)
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
@@ -210,14 +222,7 @@ fn agent(procs: usize, seconds: u64) -> anyhow::Result<()> {
     );
     let mut kids = Vec::with_capacity(procs);
     for _ in 0..procs {
-        let mut c = Command::new(release_bin("immp-workload"))
-            .arg("idle")
-            .stdout(Stdio::piped())
-            .stdin(Stdio::null())
-            .spawn()?;
-        let mut l = String::new();
-        BufReader::new(c.stdout.as_mut().expect("stdout")).read_line(&mut l)?;
-        kids.push(c);
+        kids.push(spawn_ready("idle")?);
     }
     let agent = start_agent("1s")?;
     let pid = agent.id();
@@ -275,13 +280,7 @@ fn shares(pid: u32, seconds: u64) -> (f64, f64) {
 }
 
 fn capped_run(method: &str, target: f64, seconds: u64) -> anyhow::Result<(f64, f64)> {
-    let mut w = Command::new(release_bin("immp-workload"))
-        .arg("burn")
-        .stdout(Stdio::piped())
-        .stdin(Stdio::null())
-        .spawn()?;
-    let mut l = String::new();
-    BufReader::new(w.stdout.as_mut().expect("stdout")).read_line(&mut l)?;
+    let mut w = spawn_ready("burn")?;
     let pid = w.id().to_string();
     let jdir = std::env::temp_dir().join(format!("immp-bench-cap-{}", std::process::id()));
     let cap = format!("{target}%");
