@@ -1,63 +1,16 @@
 //! immp's userspace agent as a library: the binary (`src/main.rs`) is a thin CLI over it, and
-//! the integration tests drive the same pieces.
-pub mod btfinfo;
-pub mod cgroup;
-pub mod cli;
-pub mod doctor;
-pub mod journal;
-pub mod output;
-pub mod policy;
-pub mod predict;
-pub mod probes;
-pub mod procinfo;
-pub mod rank;
-pub mod sampler;
-pub mod snapshot;
-pub mod softdirty;
-pub mod throttle;
-pub mod throttle_cmd;
-pub mod units;
+//! the integration tests drive the same pieces. Data flows one way through the folders:
+//!
+//! - `collect`: kernel probes, /proc, soft-dirty, the sampler -> one immutable `Snapshot`;
+//! - `model` (the `immp-model` crate): pure ranking, prediction, policy and the `Event` stream;
+//! - `act`: the only code that changes the system (cgroups, signals), journaled first;
+//! - `view`: renders events (table, JSON lines, CSV);
+//! - `cmd`: one file per subcommand, owning its arguments, wiring the others together.
+pub mod act;
+pub mod cmd;
+pub mod collect;
+pub mod error;
+pub mod view;
 
-/// Exit codes scripts can test.
-pub mod exit {
-    pub const OK: i32 = 0;
-    /// Something failed while running.
-    pub const FAILURE: i32 = 1;
-    /// Bad input: arguments, unknown PID, refused target. Nothing was changed.
-    pub const USAGE: i32 = 2;
-    /// This machine cannot do it: not root, no usable probes, no cgroup cpu controller.
-    pub const ENVIRONMENT: i32 = 3;
-}
-
-/// An error that carries its exit code; anything else exits with `exit::FAILURE`.
-#[derive(Debug, thiserror::Error)]
-#[error("{msg}")]
-pub struct ExitError {
-    pub code: i32,
-    pub msg: String,
-}
-
-pub fn usage(msg: impl Into<String>) -> anyhow::Error {
-    ExitError {
-        code: exit::USAGE,
-        msg: msg.into(),
-    }
-    .into()
-}
-
-pub fn environment(msg: impl Into<String>) -> anyhow::Error {
-    ExitError {
-        code: exit::ENVIRONMENT,
-        msg: msg.into(),
-    }
-    .into()
-}
-
-pub fn require_root() -> anyhow::Result<()> {
-    if !doctor::is_root() {
-        return Err(environment(
-            "immp must run as root (it loads eBPF programs and manages cgroups)",
-        ));
-    }
-    Ok(())
-}
+pub use error::{ExitError, environment, exit, require_root, usage};
+pub use immp_model as model;

@@ -3,7 +3,13 @@ use std::process::ExitCode;
 use clap::{Parser as _, error::ErrorKind};
 
 fn main() -> ExitCode {
-    let cli = match immp::cli::Cli::try_parse() {
+    // First of all: a stop signal from now on asks for a clean stop (caps lifted), never kills
+    // immp half-way through a change.
+    if let Err(e) = immp::cmd::run::install_stop_handlers() {
+        eprintln!("immp: error: cannot install signal handlers: {e}");
+        return ExitCode::from(immp::exit::FAILURE as u8);
+    }
+    let cli = match immp::cmd::Cli::try_parse() {
         Ok(c) => c,
         Err(e)
             if matches!(
@@ -16,14 +22,11 @@ fn main() -> ExitCode {
             e.exit()
         }
         Err(e) => {
-            // One line, like every other immp error; `--help` has the details.
-            let text = e.render().to_string();
-            let first = text.lines().next().unwrap_or("invalid arguments");
-            eprintln!("immp: {}", first.trim_start_matches("error: ").trim());
+            eprintln!("immp: {}", one_line(&e));
             return ExitCode::from(immp::exit::USAGE as u8);
         }
     };
-    match immp::cli::run(cli) {
+    match immp::cmd::run(cli) {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
             // One line: the error and its context chain.
@@ -34,4 +37,22 @@ fn main() -> ExitCode {
             ExitCode::from(code as u8)
         }
     }
+}
+
+/// clap's error on one line, like every other immp error (`--help` has the details). A
+/// missing-argument error names the arguments, which clap puts on the following lines.
+fn one_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let first = lines
+        .next()
+        .unwrap_or("invalid arguments")
+        .trim_start_matches("error: ");
+    if e.kind() == ErrorKind::MissingRequiredArgument {
+        let missing: Vec<&str> = lines
+            .take_while(|l| l.starts_with("--") || l.starts_with('<'))
+            .collect();
+        return format!("{} {}", first.trim_end_matches(':'), missing.join(", "));
+    }
+    first.to_string()
 }

@@ -9,10 +9,14 @@ use std::{
 };
 
 use immp::{
-    probes::{ProbeOptions, Probes},
-    rank::{RankSettings, rank},
-    sampler::{ModeChoice, Sampler, SamplerOptions},
-    snapshot::{ProcId, ProcSample, Snapshot},
+    collect::{
+        probes::{ProbeOptions, Probes},
+        sampler::{ModeChoice, Sampler, SamplerOptions},
+    },
+    model::{
+        rank::{RankSettings, rank},
+        snapshot::{ProcId, ProcSample, Snapshot},
+    },
 };
 
 #[allow(dead_code)]
@@ -44,7 +48,9 @@ fn sampler(mode: ModeChoice, watch: Vec<ProcId>, verify: Option<ProcId>) -> Samp
 }
 
 fn id(w: &Workload) -> ProcId {
-    immp::procinfo::stat(w.pid()).expect("workload alive").id
+    immp::collect::procfs::stat(w.pid())
+        .expect("workload alive")
+        .id
 }
 
 /// The process's sample in a snapshot.
@@ -206,7 +212,7 @@ fn thp_flagged_inner() -> Outcome {
     let w = start(&["rewrite", "4096"]); // 16 MiB, THP-eligible
     let me = id(&w);
     std::thread::sleep(Duration::from_millis(800));
-    let huge = immp::procinfo::anon_huge_bytes(me.pid);
+    let huge = immp::collect::procfs::anon_huge_bytes(me.pid);
     let mut s = sampler(ModeChoice::Exact, vec![me], None);
     s.sample();
     std::thread::sleep(Duration::from_secs(1));
@@ -358,11 +364,11 @@ fn bench_exact() -> Outcome {
     let big = start(&["first-touch", "65536"]);
     let mut big = big;
     big.run();
-    let rss = immp::procinfo::stat(big.pid()).map_or(0, |s| s.rss_bytes) as f64;
+    let rss = immp::collect::procfs::stat(big.pid()).map_or(0, |s| s.rss_bytes) as f64;
     let mut t = Vec::new();
     for _ in 0..9 {
         let t0 = Instant::now();
-        immp::softdirty::clear_refs(big.pid()).map_err(|e| e.to_string())?;
+        immp::collect::softdirty::clear_refs(big.pid()).map_err(|e| e.to_string())?;
         t.push(t0.elapsed().as_secs_f64());
     }
     t.sort_by(f64::total_cmp);

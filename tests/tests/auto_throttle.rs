@@ -11,10 +11,12 @@ use std::{
 
 use common::{Workload, immp_bin};
 use immp::{
-    probes::{ProbeOptions, Probes},
-    sampler::Sampler,
-    snapshot::ProcId,
-    throttle::{MechanismChoice, Throttler},
+    act::{mechanism::MechanismChoice, throttle::Throttler},
+    collect::{
+        probes::{ProbeOptions, Probes},
+        sampler::Sampler,
+    },
+    model::snapshot::ProcId,
 };
 
 /// The automatic policy caps any heavy writer on the machine: these tests must not overlap.
@@ -36,7 +38,7 @@ fn rate_over(s: &mut Sampler, id: ProcId, d: Duration) -> (f64, f64) {
 fn dirty_rate_scales_with_the_cpu_cap() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let w = Workload::start(&["writer", "256"]);
-    let id = immp::procinfo::stat(w.pid()).unwrap().id;
+    let id = immp::collect::procfs::stat(w.pid()).unwrap().id;
     let mut s = Sampler::new(Probes::load(&ProbeOptions::default()).unwrap(), vec![id]);
     let dir = common::scratch("journals").join("scales");
     let _ = std::fs::remove_dir_all(&dir);
@@ -55,7 +57,7 @@ fn dirty_rate_scales_with_the_cpu_cap() {
         );
     }
     drop(t); // lifts
-    assert_eq!(immp::procinfo::cpu_cgroup(w.pid()), "/");
+    assert_eq!(immp::collect::procfs::cpu_cgroup(w.pid()), "/");
 }
 
 #[test]
@@ -136,5 +138,5 @@ fn auto_caps_a_real_writer_and_leaves_an_idle_process_alone() {
     assert!(!cpus.is_empty());
     // Every cap lifted at the end.
     assert!(!by_pid(writer.pid(), "lifted").is_empty(), "{text}");
-    assert_eq!(immp::procinfo::cpu_cgroup(writer.pid()), "/");
+    assert_eq!(immp::collect::procfs::cpu_cgroup(writer.pid()), "/");
 }

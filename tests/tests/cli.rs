@@ -212,7 +212,7 @@ fn profile_csv_and_table_formats() {
     ]);
     let t = String::from_utf8_lossy(&o.stdout);
     assert!(
-        t.contains("mode: Bounds (lower bound)") && t.contains("DIRTY"),
+        t.contains("mode: bounds (lower bound)") && t.contains("DIRTY"),
         "{t}"
     );
     assert!(t.contains("of a 125 MB/s link"), "{t}");

@@ -3,10 +3,14 @@ mod common;
 
 use common::{Workload, scratch};
 use immp::{
-    probes::{FlavourChoice, ProbeOptions, Probes},
-    rank::{RankSettings, rank},
-    sampler::Sampler,
-    snapshot::{ProcSample, Snapshot},
+    collect::{
+        probes::{FlavourChoice, ProbeOptions, Probes},
+        sampler::Sampler,
+    },
+    model::{
+        rank::{RankSettings, rank},
+        snapshot::{ProcSample, Snapshot},
+    },
 };
 
 fn sampler(flavour: FlavourChoice, max_procs: u32) -> Sampler {

@@ -37,7 +37,7 @@ fn spawn_immp(jdir: &Path, args: &[&str]) -> Child {
 
 fn cpu_cgroup(pid: u32) -> String {
     let t = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-    immp::procinfo::parse_cpu_cgroup(&t)
+    immp::collect::procfs::parse_cpu_cgroup(&t)
 }
 
 /// Nanoseconds on CPU (schedstat: precise, unlike clock ticks).
@@ -69,7 +69,7 @@ fn cpu_tree() -> Vec<String> {
         }
     }
     let mut v = vec![];
-    let root = immp::cgroup::CgroupLayout::detect();
+    let root = immp::act::cgroup::CgroupLayout::detect();
     let root = root.v1_cpu_mount.or(root.v2_mount).expect("a cgroup mount");
     walk(&root, &mut v);
     v.sort();
@@ -181,7 +181,7 @@ fn restore_leaves_a_reused_pid_alone() {
     // A crashed immp capped PID X (start time S); X exited and its pid now belongs to another
     // process. Simulated with a live process and a journal entry carrying another start time.
     let w = Workload::start(&["idle"]);
-    let root = immp::cgroup::CgroupLayout::detect()
+    let root = immp::act::cgroup::CgroupLayout::detect()
         .v1_cpu_mount
         .expect("v1 cpu");
     let capped = format!("/immp-{}-1", w.pid());
@@ -246,7 +246,7 @@ fn refusals_change_nothing() {
         2,
         "out of range",
     );
-    let too_much = format!("{}%", 100 * immp::throttle::online_cpus() + 50);
+    let too_much = format!("{}%", 100 * immp::act::target::online_cpus() + 50);
     one_line_error(
         &immp(&j, &["throttle", "--pid", &pid, "--cap", &too_much]),
         2,

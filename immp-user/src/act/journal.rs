@@ -9,20 +9,10 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use immp_model::event::Mechanism;
 use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_DIR: &str = "/var/lib/immp";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Mechanism {
-    /// Moved into a cgroup of the v1 cpu hierarchy with a CFS quota.
-    CgroupV1,
-    /// cgroup v2 `cpu.max`, either on a cgroup immp created or set in place.
-    CgroupV2,
-    /// SIGSTOP/SIGCONT duty cycle (no cgroup cpu controller).
-    Signal,
-}
 
 /// Where a process was and where immp put it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

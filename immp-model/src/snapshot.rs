@@ -2,8 +2,6 @@
 //! Nothing in here touches the system.
 use serde::Serialize;
 
-use crate::probes::{Flavour, KernelStats};
-
 /// How the dirty numbers were obtained.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -16,6 +14,14 @@ pub enum Mode {
 }
 
 impl Mode {
+    /// The name used in JSON, CSV and tables alike.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Bounds => "bounds",
+            Mode::Exact => "exact",
+        }
+    }
+
     pub fn explain(self) -> &'static str {
         match self {
             Mode::Bounds => {
@@ -25,6 +31,40 @@ impl Mode {
             Mode::Exact => "exact: distinct pages dirtied per soft-dirty window",
         }
     }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Which kind of kernel probes measured a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Flavour {
+    /// BTF tracepoints (tp_btf): typed arguments, folio sizes known.
+    Btf,
+    /// Classic tracepoints (perf events on tracefs): no folio size, each dirtied folio = 1 page.
+    Tracepoint,
+}
+
+impl std::fmt::Display for Flavour {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Flavour::Btf => "btf",
+            Flavour::Tracepoint => "tracepoint",
+        })
+    }
+}
+
+/// Health counters from the kernel side; all totals since load.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct KernelStats {
+    pub map_full: u64,
+    pub exit_lost: u64,
+    pub exits_sent: u64,
+    pub entries_created: u64,
 }
 
 /// A process is (pid, start time): pids are reused.
@@ -77,10 +117,13 @@ pub struct CurvePoint {
 
 impl ProcSample {
     pub fn id(&self) -> ProcId {
-        ProcId {
-            pid: self.pid,
-            start_time: self.start_time,
-        }
+        ProcId::new(self.pid, self.start_time)
+    }
+}
+
+impl ProcId {
+    pub fn new(pid: u32, start_time: u64) -> Self {
+        Self { pid, start_time }
     }
 }
 
@@ -114,6 +157,9 @@ pub struct Snapshot {
     pub interval_s: f64,
     pub mode: Mode,
     pub probes: Flavour,
+    /// Why BTF tracepoints were not used, when classic tracepoints were chosen for want of them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probes_fallback: Option<String>,
     /// Whether large folios count all their pages (else each dirtied folio counts one page).
     pub folio_pages_known: bool,
     pub page_size: u64,

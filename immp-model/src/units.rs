@@ -13,6 +13,12 @@ pub enum UnitError {
     Percent(String),
     #[error("{0} must be greater than zero")]
     Zero(&'static str),
+    #[error("'{0}' is not a size (examples: 512MB, 4GiB)")]
+    Size(String),
+    #[error("'{0}' must be {1}")]
+    Range(String, &'static str),
+    #[error("'{0}': window lengths must be strictly increasing")]
+    Windows(String),
 }
 
 fn split_number(s: &str) -> Option<(f64, &str)> {
@@ -105,6 +111,59 @@ pub fn parse_percent(s: &str) -> Result<f64, UnitError> {
     Ok(n)
 }
 
+/// `512MB`, `4GiB`, `1000` (bytes); above zero.
+pub fn parse_bytes(s: &str) -> Result<f64, UnitError> {
+    let err = || UnitError::Size(s.to_string());
+    let (n, unit) = split_number(s).ok_or_else(err)?;
+    let mult = match unit {
+        "" | "B" => 1.0,
+        "kB" | "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "KiB" => 1024.0,
+        "MiB" => 1048576.0,
+        "GiB" => 1073741824.0,
+        _ => return Err(err()),
+    };
+    if n <= 0.0 {
+        return Err(err());
+    }
+    Ok(n * mult)
+}
+
+/// A share of the link as a fraction: `25%` -> 0.25; above 0 % and at most 1000 %.
+pub fn parse_share(s: &str) -> Result<f64, UnitError> {
+    let p = parse_percent(s)?;
+    if p <= 0.0 || p > 1000.0 {
+        return Err(UnitError::Range(
+            s.to_string(),
+            "above 0% and at most 1000%",
+        ));
+    }
+    Ok(p / 100.0)
+}
+
+/// Headroom as a fraction: `20%` -> 0.2; at least 0 % and below 95 %.
+pub fn parse_headroom(s: &str) -> Result<f64, UnitError> {
+    let p = parse_percent(s)?;
+    if !(0.0..95.0).contains(&p) {
+        return Err(UnitError::Range(s.to_string(), "at least 0% and below 95%"));
+    }
+    Ok(p / 100.0)
+}
+
+/// `0.1s,0.5s,1s`: window lengths above zero, strictly increasing.
+pub fn parse_windows(s: &str) -> Result<Vec<Duration>, UnitError> {
+    let v: Vec<Duration> = s
+        .split(',')
+        .map(|w| parse_positive_duration(w.trim()))
+        .collect::<Result<_, _>>()?;
+    if v.windows(2).any(|p| p[1] <= p[0]) {
+        return Err(UnitError::Windows(s.to_string()));
+    }
+    Ok(v)
+}
+
 /// `12.5 MB/s`, `980 kB/s`, `0 B/s` (SI, as network links are sold).
 pub fn fmt_rate(bytes_per_s: f64) -> String {
     format!("{}/s", fmt_bytes(bytes_per_s))
@@ -183,6 +242,20 @@ mod tests {
         assert_eq!(parse_percent("12.5").unwrap(), 12.5);
         assert!(parse_percent("banana").is_err());
         assert!(parse_percent("20%%").is_err());
+    }
+
+    #[test]
+    fn sizes_shares_windows() {
+        assert_eq!(parse_bytes("512MB").unwrap(), 512e6);
+        assert_eq!(parse_bytes("4GiB").unwrap(), 4.0 * 1073741824.0);
+        assert!(parse_bytes("0MB").is_err());
+        assert!(parse_bytes("12 parsecs").is_err());
+        assert_eq!(parse_share("25%").unwrap(), 0.25);
+        assert!(parse_share("0%").is_err());
+        assert_eq!(parse_headroom("20%").unwrap(), 0.2);
+        assert!(parse_headroom("95%").is_err());
+        assert_eq!(parse_windows("0.1s, 1s").unwrap().len(), 2);
+        assert!(parse_windows("1s,0.5s").is_err());
     }
 
     #[test]

@@ -12,7 +12,9 @@ use aya::{
 use immp_common::{Counters, ExitEvent, globals, maps, stats};
 use serde::Serialize;
 
-use crate::btfinfo::{self, FolioLayout};
+use immp_model::snapshot::{Flavour, KernelStats};
+
+use super::btf::{self as btfinfo, FolioLayout};
 
 /// The eBPF object, built by build.rs and embedded so that `immp` is one file.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("IMMP_EBPF_OBJECT"));
@@ -57,16 +59,7 @@ struct Hook {
     required: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Flavour {
-    /// BTF tracepoints (tp_btf): typed arguments, folio sizes known.
-    Btf,
-    /// Classic tracepoints (perf events on tracefs): no folio size, each dirtied folio = 1 page.
-    Tracepoint,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FlavourChoice {
     /// BTF tracepoints where they load, classic tracepoints otherwise.
     #[default]
@@ -114,17 +107,9 @@ pub struct Probes {
     pub report: ProbeReport,
 }
 
-/// Health counters from the kernel side; all totals since load.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct KernelStats {
-    pub map_full: u64,
-    pub exit_lost: u64,
-    pub exits_sent: u64,
-    pub entries_created: u64,
-}
-
 impl Probes {
     pub fn load(opts: &ProbeOptions) -> anyhow::Result<Self> {
+        raise_memlock();
         match opts.flavour {
             FlavourChoice::Btf => Self::load_btf(opts),
             FlavourChoice::Tracepoint => Self::load_tracepoints(opts, None),
@@ -284,6 +269,45 @@ impl Probes {
             entries_created: get(stats::ENTRIES_CREATED),
         }
     }
+}
+
+impl super::source::CounterSource for Probes {
+    fn read_counters(&self) -> Vec<(u32, Counters)> {
+        Probes::read_counters(self)
+    }
+    fn counters_of(&self, pid: u32) -> Option<Counters> {
+        Probes::counters_of(self, pid)
+    }
+    fn drain_exits(&mut self) -> Vec<ExitEvent> {
+        Probes::drain_exits(self)
+    }
+    fn kernel_stats(&self) -> KernelStats {
+        Probes::kernel_stats(self)
+    }
+    fn flavour(&self) -> Flavour {
+        self.report.flavour
+    }
+    fn folio_pages_known(&self) -> bool {
+        self.report.folio_pages_known
+    }
+    fn capacity(&self) -> u32 {
+        self.report.max_procs
+    }
+    fn fallback_reason(&self) -> Option<String> {
+        self.report.fallback_reason.clone()
+    }
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (later ones to the memory cgroup):
+/// lift it as aya's template does. Where it cannot be raised (no CAP_SYS_RESOURCE), newer
+/// kernels do not need it, so a failure is not an error.
+fn raise_memlock() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit with a valid, fully initialised struct.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
 }
 
 fn trim_heap() {

@@ -30,10 +30,20 @@ pub enum Verdict {
     Quiet,
 }
 
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Verdict::Immp => "immp",
+            Verdict::Writer => "writer",
+            Verdict::Quiet => "quiet",
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Ranked<'a> {
+pub struct Ranked {
     #[serde(flatten)]
-    pub proc_: &'a ProcSample,
+    pub proc_: ProcSample,
     /// Dirty rate / link bandwidth (absent without a bandwidth).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub link_share: Option<f64>,
@@ -41,19 +51,19 @@ pub struct Ranked<'a> {
     pub verdict: Option<Verdict>,
     /// Its part in the predicted migration (profile with --bandwidth).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub impact: Option<crate::policy::Impact>,
+    pub impact: Option<crate::impact::Impact>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Ranking<'a> {
-    pub processes: Vec<Ranked<'a>>,
+pub struct Ranking {
+    pub processes: Vec<Ranked>,
     /// Total dirty rate / link bandwidth: at or above 1 pre-copy cannot converge.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub link_share: Option<f64>,
 }
 
 /// Sorted by dirty rate (highest first), then CPU, then pid for a stable order.
-pub fn rank<'a>(snap: &'a Snapshot, s: &RankSettings) -> Ranking<'a> {
+pub fn rank(snap: &Snapshot, s: &RankSettings) -> Ranking {
     let mut v: Vec<&ProcSample> = snap.processes.iter().collect();
     v.sort_by(|a, b| {
         b.dirty_bytes_per_s
@@ -75,7 +85,7 @@ pub fn rank<'a>(snap: &'a Snapshot, s: &RankSettings) -> Ranking<'a> {
                 }
             });
             Ranked {
-                proc_: p,
+                proc_: p.clone(),
                 link_share,
                 verdict,
                 impact: None,
@@ -89,55 +99,9 @@ pub fn rank<'a>(snap: &'a Snapshot, s: &RankSettings) -> Ranking<'a> {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use crate::{
-        probes::Flavour,
-        snapshot::{Health, Mode, Rates, Totals},
-    };
-
-    pub fn proc_(pid: u32, dirty_pages: f64, cpu: f64) -> ProcSample {
-        ProcSample {
-            pid,
-            start_time: 1000 + pid as u64,
-            comm: format!("p{pid}"),
-            cmdline: String::new(),
-            rates: Rates {
-                write_new: dirty_pages,
-                dirty: dirty_pages,
-                ..Rates::default()
-            },
-            dirty_bytes_per_s: dirty_pages * 4096.0,
-            cpu_pct: cpu,
-            rss_bytes: 0,
-            cgroup: "/".into(),
-            gone: false,
-            exact: false,
-            curve: Vec::new(),
-        }
-    }
-
-    pub fn snap(processes: Vec<ProcSample>) -> Snapshot {
-        let total: f64 = processes.iter().map(|p| p.dirty_bytes_per_s).sum();
-        Snapshot {
-            seq: 1,
-            time_unix_ms: 0,
-            interval_s: 1.0,
-            mode: Mode::Bounds,
-            probes: Flavour::Btf,
-            folio_pages_known: true,
-            page_size: 4096,
-            health: Health::default(),
-            exact_armed: 0,
-            verify: None,
-            totals: Totals {
-                dirty_bytes_per_s: total,
-                dirty_pages_per_s: total / 4096.0,
-                ..Totals::default()
-            },
-            processes,
-        }
-    }
+    use crate::fixtures::{proc_, snap};
 
     #[test]
     fn sorted_by_dirty_rate_then_cpu_then_pid() {

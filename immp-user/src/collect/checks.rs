@@ -1,10 +1,15 @@
-//! `immp doctor`: what this kernel and machine allow, tested by effect, and what immp will do.
+//! `immp doctor`'s checks: what this kernel and machine allow, tested by effect, and what immp
+//! will do with it.
 use serde::Serialize;
 
-use crate::{
-    cgroup::{CgroupLayout, CpuController},
+use super::{
+    btf,
     probes::{FlavourChoice, ProbeOptions, Probes},
     softdirty,
+};
+use crate::{
+    act::cgroup::{CgroupLayout, CpuController},
+    error::is_root,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -46,11 +51,6 @@ fn check(
     }
 }
 
-pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
 /// Touch `pages` fresh anonymous pages and return how many new-page write faults the probes
 /// counted for this process: proves that events flow, not only that attach returned Ok.
 fn self_test(probes: &Probes, pages: usize) -> u64 {
@@ -60,7 +60,7 @@ fn self_test(probes: &Probes, pages: usize) -> u64 {
         .into_iter()
         .find(|(p, _)| *p == me)
         .map_or(0, |(_, c)| c.write_new);
-    let page = crate::procinfo::page_size() as usize;
+    let page = super::procfs::page_size() as usize;
     // A fresh mapping, not the heap: malloc may hand back memory that is already faulted in.
     // SAFETY: anonymous private mapping, written only within its length, unmapped below.
     unsafe {
@@ -93,9 +93,27 @@ pub fn run() -> Report {
         .unwrap_or_default()
         .trim()
         .to_string();
-    let mut checks = Vec::new();
     let root = is_root();
-    checks.push(if root {
+    let mut checks = vec![root_check(root), lockdown_check()];
+    checks.extend(btf_checks());
+    let mut usable = false;
+    if root {
+        let (probe_checks, ok) = probe_checks();
+        checks.extend(probe_checks);
+        usable = ok;
+    }
+    checks.push(softdirty_check());
+    checks.extend(cgroup_checks());
+    checks.push(tracefs_check());
+    Report {
+        kernel,
+        checks,
+        usable: root && usable,
+    }
+}
+
+fn root_check(root: bool) -> Check {
+    if root {
         check(
             "root",
             Status::Ok,
@@ -109,25 +127,29 @@ pub fn run() -> Report {
             "not running as root",
             "nothing works: eBPF and cgroups need root",
         )
-    });
+    }
+}
 
+fn lockdown_check() -> Check {
     let lockdown = std::fs::read_to_string("/sys/kernel/security/lockdown")
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|_| "unknown (securityfs not mounted)".into());
-    checks.push(check(
+    check(
         "lockdown",
         Status::Ok,
         lockdown,
         "immp uses only tracepoints, which lockdown allows (no kprobes, no fentry)",
-    ));
+    )
+}
 
-    let btf = crate::btfinfo::load_vmlinux();
-    let folio = btf.as_ref().ok().and_then(crate::btfinfo::folio_layout);
-    checks.push(match &btf {
+fn btf_checks() -> Vec<Check> {
+    let vmlinux = btf::load_vmlinux();
+    let folio = vmlinux.as_ref().ok().and_then(btf::folio_layout);
+    let b = match &vmlinux {
         Ok(_) => check(
             "btf",
             Status::Ok,
-            crate::btfinfo::VMLINUX_BTF,
+            btf::VMLINUX_BTF,
             "BTF tracepoints (tp_btf) can be used",
         ),
         Err(e) => check(
@@ -136,8 +158,8 @@ pub fn run() -> Report {
             format!("{e:#}"),
             "falls back to classic tracepoints",
         ),
-    });
-    checks.push(match folio {
+    };
+    let f = match folio {
         Some(f) => check(
             "folio-size",
             Status::Ok,
@@ -153,63 +175,86 @@ pub fn run() -> Report {
             "layout not found in BTF",
             "each dirtied page-cache folio counts as one page (lower bound)",
         ),
-    });
+    };
+    vec![b, f]
+}
 
+/// Each probe flavour attached and self-tested, then what `--probes auto` picks and why.
+fn probe_checks() -> (Vec<Check>, bool) {
+    let mut checks = Vec::new();
     let mut usable = false;
-    if root {
-        for (name, choice, what) in [
-            ("probes-btf", FlavourChoice::Btf, "preferred probes"),
-            (
-                "probes-tracepoint",
-                FlavourChoice::Tracepoint,
-                "fallback probes",
-            ),
-        ] {
-            let opts = ProbeOptions {
-                flavour: choice,
-                ..ProbeOptions::default()
-            };
-            checks.push(match Probes::load(&opts) {
-                Ok(p) => {
-                    let n = self_test(&p, 256);
-                    let hooks: Vec<String> = p
-                        .report
-                        .hooks
-                        .iter()
-                        .map(|(h, r)| {
-                            format!("{h}:{}", if r.is_ok() { "attached" } else { "absent" })
-                        })
-                        .collect();
-                    let counted_ok = n >= 256;
-                    usable |= counted_ok;
-                    check(
-                        name,
-                        if counted_ok { Status::Ok } else { Status::Fail },
-                        format!(
-                            "{}; self-test counted {n}/256 page faults",
-                            hooks.join(", ")
-                        ),
-                        format!(
-                            "{what}: {}",
-                            if counted_ok {
-                                "usable"
-                            } else {
-                                "attached but counted nothing"
-                            }
-                        ),
-                    )
+    let mut btf_error = None;
+    for (name, choice, what) in [
+        ("probes-btf", FlavourChoice::Btf, "preferred probes"),
+        (
+            "probes-tracepoint",
+            FlavourChoice::Tracepoint,
+            "fallback probes",
+        ),
+    ] {
+        let opts = ProbeOptions {
+            flavour: choice,
+            ..ProbeOptions::default()
+        };
+        let c = match Probes::load(&opts) {
+            Ok(p) => probe_check(name, what, &p),
+            Err(e) => {
+                if choice == FlavourChoice::Btf {
+                    btf_error = Some(format!("{e:#}"));
                 }
-                Err(e) => check(
+                check(
                     name,
                     Status::Warn,
                     format!("{e:#}"),
                     format!("{what}: not available"),
-                ),
-            });
-        }
+                )
+            }
+        };
+        usable |= c.status == Status::Ok;
+        checks.push(c);
     }
+    checks.push(match btf_error {
+        None => check("probes-auto", Status::Ok, "BTF tracepoints load", "--probes auto uses btf"),
+        Some(e) => check(
+            "probes-auto",
+            Status::Warn,
+            format!("BTF tracepoints failed: {e}"),
+            "--probes auto falls back to classic tracepoints (this reason is in every output's fallback_reason)",
+        ),
+    });
+    (checks, usable)
+}
 
-    checks.push(match softdirty::supported() {
+fn probe_check(name: &'static str, what: &str, p: &Probes) -> Check {
+    let n = self_test(p, 256);
+    let hooks: Vec<String> = p
+        .report
+        .hooks
+        .iter()
+        .map(|(h, r)| format!("{h}:{}", if r.is_ok() { "attached" } else { "absent" }))
+        .collect();
+    let ok = n >= 256;
+    check(
+        name,
+        if ok { Status::Ok } else { Status::Fail },
+        format!(
+            "{}; self-test counted {n}/256 page faults",
+            hooks.join(", ")
+        ),
+        format!(
+            "{what}: {}",
+            if ok {
+                "usable"
+            } else {
+                "attached but counted nothing"
+            }
+        ),
+    )
+}
+
+fn softdirty_check() -> Check {
+    let bounds = "dirty rates are lower bounds (mode: bounds)";
+    match softdirty::supported() {
         Ok(true) => check(
             "soft-dirty",
             Status::Ok,
@@ -220,44 +265,39 @@ pub fn run() -> Report {
             "soft-dirty",
             Status::Warn,
             "clear_refs 4 accepted but pagemap bit 55 never set (CONFIG_MEM_SOFT_DIRTY off)",
-            "dirty rates are lower bounds (mode: bounds)",
+            bounds,
         ),
-        Err(e) => check(
-            "soft-dirty",
-            Status::Warn,
-            e,
-            "dirty rates are lower bounds (mode: bounds)",
-        ),
-    });
+        Err(e) => check("soft-dirty", Status::Warn, e, bounds),
+    }
+}
 
+fn cgroup_checks() -> Vec<Check> {
     let cg = CgroupLayout::detect();
-    checks.push(
-        match (&cg.v2_mount, cg.v2_controllers.iter().any(|c| c == "cpu")) {
-            (Some(m), true) => check(
-                "cgroup-v2-cpu",
-                Status::Ok,
-                format!("{} has the cpu controller", m.display()),
-                "caps use cpu.max",
+    let v2 = match (&cg.v2_mount, cg.v2_controllers.iter().any(|c| c == "cpu")) {
+        (Some(m), true) => check(
+            "cgroup-v2-cpu",
+            Status::Ok,
+            format!("{} has the cpu controller", m.display()),
+            "caps use cpu.max",
+        ),
+        (Some(m), false) => check(
+            "cgroup-v2-cpu",
+            Status::Warn,
+            format!(
+                "{} without cpu controller (controllers: {})",
+                m.display(),
+                cg.v2_controllers.join(" ")
             ),
-            (Some(m), false) => check(
-                "cgroup-v2-cpu",
-                Status::Warn,
-                format!(
-                    "{} without cpu controller (controllers: {})",
-                    m.display(),
-                    cg.v2_controllers.join(" ")
-                ),
-                "cpu.max not usable",
-            ),
-            (None, _) => check(
-                "cgroup-v2-cpu",
-                Status::Warn,
-                "no cgroup2 mount",
-                "cpu.max not usable",
-            ),
-        },
-    );
-    checks.push(match &cg.v1_cpu_mount {
+            "cpu.max not usable",
+        ),
+        (None, _) => check(
+            "cgroup-v2-cpu",
+            Status::Warn,
+            "no cgroup2 mount",
+            "cpu.max not usable",
+        ),
+    };
+    let v1 = match &cg.v1_cpu_mount {
         Some(m) => check(
             "cgroup-v1-cpu",
             Status::Ok,
@@ -270,20 +310,26 @@ pub fn run() -> Report {
             "no v1 cpu hierarchy",
             "CFS quota not usable",
         ),
-    });
+    };
     let mech = match cg.cpu_controller() {
         Some(CpuController::V2 { root }) => format!("cgroup v2 cpu.max under {}", root.display()),
         Some(CpuController::V1 { root }) => format!("cgroup v1 CFS quota under {}", root.display()),
         None => "SIGSTOP/SIGCONT duty cycle (no cgroup cpu controller)".into(),
     };
-    checks.push(check(
-        "cap-mechanism",
-        Status::Ok,
-        mech,
-        "how `immp throttle` caps a process",
-    ));
+    vec![
+        v2,
+        v1,
+        check(
+            "cap-mechanism",
+            Status::Ok,
+            mech,
+            "how `immp throttle` caps a process",
+        ),
+    ]
+}
 
-    checks.push(if crate::probes::tracefs_mounted() {
+fn tracefs_check() -> Check {
+    if super::probes::tracefs_mounted() {
         check(
             "tracefs",
             Status::Ok,
@@ -297,41 +343,5 @@ pub fn run() -> Report {
             "not mounted",
             "immp mounts it if it needs the classic-tracepoint fallback",
         )
-    });
-
-    Report {
-        kernel,
-        checks,
-        usable: root && usable,
     }
-}
-
-pub fn print_table(r: &Report, out: &mut impl std::io::Write) -> std::io::Result<()> {
-    writeln!(out, "immp doctor: kernel {}", r.kernel)?;
-    writeln!(
-        out,
-        "{:<18} {:<5} {:<70} WHAT IMMP DOES",
-        "CHECK", "", "DETAIL"
-    )?;
-    for c in &r.checks {
-        let s = match c.status {
-            Status::Ok => "ok",
-            Status::Warn => "warn",
-            Status::Fail => "FAIL",
-        };
-        writeln!(
-            out,
-            "{:<18} {:<5} {:<70} {}",
-            c.name, s, c.detail, c.consequence
-        )?;
-    }
-    writeln!(
-        out,
-        "{}",
-        if r.usable {
-            "immp can work here."
-        } else {
-            "immp cannot work here (see FAIL rows)."
-        }
-    )
 }

@@ -10,7 +10,7 @@ const SOFT_DIRTY_BIT: u64 = 1 << 55;
 /// Clears soft-dirty bits of *this* process only (harmless: nobody else reads them) and checks
 /// that a write sets the bit again.
 pub fn supported() -> Result<bool, String> {
-    let page = crate::procinfo::page_size() as usize;
+    let page = super::procfs::page_size() as usize;
     // SAFETY: anonymous private mapping of one page, unmapped below; no aliasing.
     let p = unsafe {
         libc::mmap(
@@ -59,7 +59,7 @@ pub fn clear_refs(pid: u32) -> std::io::Result<()> {
 
 /// Pages of `pid` whose soft-dirty bit is set (pagemap bit 55), over all its mappings.
 pub fn count_soft_dirty(pid: u32) -> Result<u64, String> {
-    let page = crate::procinfo::page_size();
+    let page = super::procfs::page_size();
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
         .map_err(|e| format!("PID {pid}: {e}"))?;
     let mut pm =
@@ -93,7 +93,7 @@ pub fn count_soft_dirty(pid: u32) -> Result<u64, String> {
 }
 
 fn pagemap_self(addr: usize) -> Result<u64, String> {
-    let page = crate::procinfo::page_size() as usize;
+    let page = super::procfs::page_size() as usize;
     let mut f = File::open("/proc/self/pagemap").map_err(|e| format!("pagemap: {e}"))?;
     f.seek(SeekFrom::Start((addr / page * 8) as u64))
         .map_err(|e| e.to_string())?;

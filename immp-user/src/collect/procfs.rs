@@ -1,7 +1,7 @@
 //! What /proc says about a process: identity, name, CPU time, memory, cgroup.
 use procfs::process::Process;
 
-use crate::snapshot::ProcId;
+use immp_model::ProcId;
 
 /// `PF_KTHREAD` in /proc/PID/stat flags: kernel threads have no user memory to tame.
 const PF_KTHREAD: u32 = 0x0020_0000;
@@ -66,21 +66,34 @@ pub fn cpu_cgroup(pid: u32) -> String {
     parse_cpu_cgroup(&text)
 }
 
+/// Every pid in /proc, sorted.
+pub fn pids() -> Vec<u32> {
+    let mut v: Vec<u32> = std::fs::read_dir("/proc")
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort_unstable();
+    v
+}
+
+/// The path of the first line of /proc/PID/cgroup whose controller list satisfies `want`
+/// (`str::is_empty` picks the unified v2 line).
+pub fn cgroup_line(text: &str, want: impl Fn(&str) -> bool) -> Option<String> {
+    text.lines().find_map(|l| {
+        let mut it = l.splitn(3, ':');
+        let (_, ctrls, path) = (it.next()?, it.next()?, it.next()?);
+        want(ctrls).then(|| path.to_string())
+    })
+}
+
+/// The cpu hierarchy's path when there is one (v1), else the unified (v2) path.
 pub fn parse_cpu_cgroup(text: &str) -> String {
-    let mut unified = None;
-    for line in text.lines() {
-        let mut parts = line.splitn(3, ':');
-        let (Some(_), Some(ctrls), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
-            continue;
-        };
-        if ctrls.split(',').any(|c| c == "cpu") {
-            return path.to_string();
-        }
-        if ctrls.is_empty() {
-            unified = Some(path.to_string());
-        }
-    }
-    unified.unwrap_or_default()
+    cgroup_line(text, |c| c.split(',').any(|x| x == "cpu"))
+        .or_else(|| cgroup_line(text, str::is_empty))
+        .unwrap_or_default()
 }
 
 /// A `Key:   N kB` field of a /proc file, in bytes.
@@ -132,6 +145,15 @@ mod tests {
         );
         assert_eq!(parse_cpu_cgroup("3:cpu,cpuacct:/a\n"), "/a");
         assert_eq!(parse_cpu_cgroup(""), "");
+        let t = "12:cpu,cpuacct:/a/b\n0::/user.slice\n";
+        assert_eq!(
+            cgroup_line(t, |c| c.split(',').any(|x| x == "cpu")).as_deref(),
+            Some("/a/b")
+        );
+        assert_eq!(
+            cgroup_line(t, str::is_empty).as_deref(),
+            Some("/user.slice")
+        );
     }
 
     #[test]

@@ -1,8 +1,15 @@
-//! Which CPU-capping mechanism this machine offers: cgroup v2 `cpu.max`, cgroup v1 CFS quota,
-//! or neither (then only a signal duty cycle is possible).
-use std::path::{Path, PathBuf};
+//! cgroups: which CPU-capping mechanism this machine offers (cgroup v2 `cpu.max`, cgroup v1 CFS
+//! quota, or neither: then only a signal duty cycle), and the file operations on them.
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 
+use anyhow::Context as _;
+use immp_model::ProcId;
 use serde::Serialize;
+
+use super::journal::Placement;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -70,6 +77,72 @@ impl CgroupLayout {
         self.v1_cpu_mount
             .clone()
             .map(|root| CpuController::V1 { root })
+    }
+}
+
+/// The cgroup immp creates for one process under `parent` (named by pid and start time, so
+/// that a reused pid never shares it).
+pub fn cap_cgroup_under(parent: &str, id: ProcId) -> String {
+    format!(
+        "{}/immp-{}-{}",
+        parent.trim_end_matches('/'),
+        id.pid,
+        id.start_time
+    )
+}
+
+/// The cgroup directory immp created, if it created one.
+pub fn cap_dir(p: &Placement) -> Option<PathBuf> {
+    (!p.capped.is_empty()).then(|| p.root.join(p.capped.trim_start_matches('/')))
+}
+
+pub fn original_dir(p: &Placement) -> PathBuf {
+    p.root.join(p.original.trim_start_matches('/'))
+}
+
+pub fn write(path: &Path, value: &str) -> anyhow::Result<()> {
+    std::fs::write(path, value).with_context(|| format!("writing {value:?} to {}", path.display()))
+}
+
+/// cgroup v2: the cpu controller must be enabled in every ancestor's subtree_control.
+pub fn enable_cpu_controller(root: &Path, parent: &Path) -> anyhow::Result<()> {
+    let mut chain = vec![];
+    let mut d = parent.to_path_buf();
+    while d.starts_with(root) {
+        chain.push(d.clone());
+        if d == root {
+            break;
+        }
+        d = d.parent().map(Path::to_path_buf).unwrap_or_default();
+    }
+    for dir in chain.into_iter().rev() {
+        let sc = dir.join("cgroup.subtree_control");
+        let on =
+            std::fs::read_to_string(&sc).is_ok_and(|s| s.split_whitespace().any(|c| c == "cpu"));
+        if !on {
+            write(&sc, "+cpu").with_context(|| {
+                format!(
+                    "enabling the cpu controller under {} (processes in it? see README)",
+                    dir.display()
+                )
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// rmdir, retrying briefly: an exiting task can keep a cgroup busy for a moment.
+pub fn remove_cgroup(dir: &Path) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) if Instant::now() < deadline && e.raw_os_error() == Some(libc::EBUSY) => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e).with_context(|| format!("removing {}", dir.display())),
+        }
     }
 }
 

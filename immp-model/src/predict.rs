@@ -20,6 +20,37 @@ pub struct Link {
     pub max_rounds: u32,
 }
 
+impl Link {
+    /// Rounds after which a migration that has not converged is called non-converging.
+    pub const MAX_ROUNDS: u32 = 30;
+
+    pub fn new(bandwidth: f64, ram: f64, downtime_limit: Duration) -> Self {
+        Self {
+            bandwidth,
+            ram,
+            downtime_limit,
+            max_rounds: Self::MAX_ROUNDS,
+        }
+    }
+}
+
+/// The highest cap from `top` down to `floor` (whole points) for which `ok` gives a value, with
+/// that value: the search both the policy and a process's `cap_to_converge` make.
+pub fn highest_cap<T>(
+    top: f64,
+    floor: f64,
+    mut ok: impl FnMut(f64) -> Option<T>,
+) -> Option<(f64, T)> {
+    let mut c = top;
+    while c >= floor {
+        if let Some(v) = ok(c) {
+            return Some((c, v));
+        }
+        c -= 1.0;
+    }
+    None
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Writer {
     /// Dirty rate uncapped, bytes/s.
@@ -144,12 +175,7 @@ mod tests {
     use super::*;
 
     fn link() -> Link {
-        Link {
-            bandwidth: 12.5e6,
-            ram: 512.0 * 1048576.0,
-            downtime_limit: Duration::from_millis(300),
-            max_rounds: 30,
-        }
+        Link::new(12.5e6, 512.0 * 1048576.0, Duration::from_millis(300))
     }
 
     #[test]

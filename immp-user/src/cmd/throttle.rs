@@ -1,0 +1,333 @@
+//! `immp throttle`: cap processes' CPU live (manual or automatic), lift every cap at the end.
+use std::{collections::BTreeMap, time::Duration};
+
+use clap::Args;
+use immp_model::{
+    Event, ProcId, Snapshot,
+    event::{CapInterval, CapLine, Gone, PredictionPair, Start, Warning},
+    policy::{Action, AutoSettings, Decision, PolicyState, decide},
+};
+
+use super::{
+    args::{self, EventFormat, JournalArgs, LinkArgs, MechanismArg, ProbeArgs},
+    restore::undo_event,
+    run::{Next, run_loop, stop_requested},
+};
+use crate::{
+    act::{target::validate_target, throttle::Throttler},
+    collect::{cpu::CpuMeter, procfs, sampler::Sampler},
+    view::{self, Format, View},
+};
+
+pub const HELP: &str = "Examples:\n  \
+  immp throttle --pid 4242 --cap 20% --duration 5m\n  \
+  immp throttle --pid 4242 --pid 4243 --cap 15% --format json\n  \
+  immp throttle --auto --bandwidth 100Mbit --floor 15% --duration 10m\n  \
+  immp throttle --auto --bandwidth 1Gbit --target 60s\n\n\
+A cap is a percentage of one CPU (above 0, at most 100 x CPUs). Caps are lifted on normal exit, \
+on every catchable stop signal (Ctrl-C, Ctrl-\\, SIGTERM, SIGHUP, ...) and on panic; after a \
+SIGKILL or a crash run `immp restore`. Every change is written to the journal (--journal-dir) \
+before it is made. Refused, with nothing changed: PID 1, kernel threads, immp itself, unknown \
+PIDs. A process that exits while capped is not an error.";
+
+#[derive(Args, Debug, Clone)]
+pub struct ThrottleArgs {
+    /// Process to cap (repeatable; needed with --cap)
+    #[arg(long = "pid", value_name = "PID", required_unless_present = "auto")]
+    pub pids: Vec<u32>,
+    /// Manual cap, percent of one CPU (e.g. 20%; needed unless --auto)
+    #[arg(long, value_parser = args::cap, required_unless_present = "auto", conflicts_with = "auto")]
+    pub cap: Option<f64>,
+    /// Pick the IMMPs and their caps from the profiler and the migration predictor
+    #[arg(long, requires = "bandwidth")]
+    pub auto: bool,
+    #[command(flatten)]
+    pub link: LinkArgs,
+    /// Lowest cap the automatic policy may set (QoS floor)
+    #[arg(long, default_value = "15%", value_parser = args::cap)]
+    pub floor: f64,
+    /// Migration time to achieve (e.g. 60s); default: converging at all
+    #[arg(long, value_parser = args::positive_duration)]
+    pub target: Option<Duration>,
+    /// Plan caps so that migration converges using only (100 % - this) of the link: a margin
+    /// for dirtying the counts do not see (kernel work on the process's behalf, noise)
+    #[arg(long, default_value = "20%", value_parser = args::headroom)]
+    pub headroom: f64,
+    /// Lift all caps after this long (e.g. 10m): a deadline; default: until Ctrl-C
+    #[arg(long, value_parser = args::positive_duration)]
+    pub duration: Option<Duration>,
+    /// Interval of the live lines and of automatic re-evaluation
+    #[arg(long, default_value = "1s", value_parser = args::positive_duration)]
+    pub interval: Duration,
+    /// Output format (default: table on a terminal, json otherwise)
+    #[arg(long, value_enum)]
+    pub format: Option<EventFormat>,
+    #[command(flatten)]
+    pub journal: JournalArgs,
+    /// How to cap
+    #[arg(long, value_enum, default_value_t = MechanismArg::Auto)]
+    pub mechanism: MechanismArg,
+    #[command(flatten)]
+    pub probe: ProbeArgs,
+}
+
+/// One throttle run: the actuator, what it measures, what it prints.
+struct Run<'a> {
+    a: &'a ThrottleArgs,
+    thr: Throttler,
+    out: Box<dyn View + 'a>,
+    sampler: Option<Sampler>,
+    settings: Option<AutoSettings>,
+    policy: PolicyState,
+    cpu: CpuMeter,
+}
+
+pub fn run(a: ThrottleArgs) -> anyhow::Result<i32> {
+    crate::require_root()?;
+    // Everything is validated before anything changes.
+    let mut pids = a.pids.clone();
+    pids.sort_unstable();
+    pids.dedup();
+    let targets: Vec<(ProcId, String)> = pids
+        .iter()
+        .map(|&p| validate_target(p))
+        .collect::<anyhow::Result<_>>()?;
+    let mut out = view::for_format(Format::resolve(a.format.map(Into::into)), std::io::stdout());
+    let sampler = open_sampler(&a, &targets, &mut out)?;
+    let (thr, leftovers) = Throttler::open(&a.journal.journal_dir, a.mechanism.into())?;
+    for (p, r) in leftovers {
+        let _ = out.render(&undo_event(&p, r, Event::RestoredLeftover));
+    }
+    let mut run = Run {
+        settings: auto_settings(&a),
+        a: &a,
+        thr,
+        out,
+        sampler,
+        policy: PolicyState::default(),
+        cpu: CpuMeter::default(),
+    };
+    run.start(&targets)?;
+    let res = if stop_requested().is_some() {
+        Ok(()) // a stop signal during start-up: straight to lifting
+    } else {
+        run_loop(a.interval, a.duration, || run.tick())
+    };
+    let failed = run.finish();
+    res?;
+    if failed {
+        anyhow::bail!("some caps could not be lifted: run `immp restore`");
+    }
+    Ok(crate::exit::OK)
+}
+
+/// The probes (needed by --auto; without them manual caps still work, with no dirty rates).
+fn open_sampler(
+    a: &ThrottleArgs,
+    targets: &[(ProcId, String)],
+    out: &mut Box<dyn View + '_>,
+) -> anyhow::Result<Option<Sampler>> {
+    let watch: Vec<ProcId> = targets.iter().map(|(id, _)| *id).collect();
+    match a.probe.open() {
+        Ok(p) => Ok(Some(Sampler::new(p, watch))),
+        Err(e) if a.auto => Err(crate::environment(format!(
+            "--auto needs the kernel probes: {e:#}"
+        ))),
+        Err(e) => {
+            let message = format!("no dirty rates ({e:#}); capping anyway");
+            let _ = out.render(&Event::Warning(Warning { message }));
+            Ok(None)
+        }
+    }
+}
+
+fn auto_settings(a: &ThrottleArgs) -> Option<AutoSettings> {
+    Some(AutoSettings {
+        link: a.link.link()?,
+        floor_pct: a.floor,
+        target: a.target,
+        immp_share: a.link.immp_share,
+        hysteresis_pct: 5.0,
+        lift_after: 3,
+        headroom: a.headroom,
+    })
+}
+
+impl Run<'_> {
+    fn emit(&mut self, e: Event) {
+        // Output is for the operator; a closed stdout must not stop caps from being lifted.
+        let _ = self.out.render(&e);
+    }
+
+    fn start(&mut self, targets: &[(ProcId, String)]) -> anyhow::Result<()> {
+        let journal = self
+            .a
+            .journal
+            .journal_dir
+            .join("journal")
+            .display()
+            .to_string();
+        let start = Start {
+            mechanism: self.thr.mechanism(),
+            journal,
+            auto: self.a.auto,
+            cap_pct: self.a.cap,
+        };
+        self.emit(Event::Start(start));
+        let Some(cap) = self.a.cap else { return Ok(()) };
+        for (id, comm) in targets {
+            if stop_requested().is_some() {
+                break;
+            }
+            if self.thr.cap(*id, comm, cap)? {
+                let c = self.thr.active().into_iter().find(|c| c.pid == id.pid);
+                if let Some(c) = c {
+                    self.emit(Event::Capped(c));
+                }
+            } else {
+                let g = Gone {
+                    pid: id.pid,
+                    start_time: id.start_time,
+                    comm: comm.clone(),
+                    undone: None,
+                };
+                self.emit(Event::Gone(g));
+            }
+            self.cpu.pct(*id);
+        }
+        Ok(())
+    }
+
+    fn tick(&mut self) -> anyhow::Result<Next> {
+        test_panic_hook();
+        let snap = self.sampler.as_mut().map(Sampler::sample);
+        if let (true, Some(snap)) = (self.a.auto, &snap) {
+            self.auto_step(snap)?;
+        }
+        let lines = self.live_lines(snap.as_ref())?;
+        let time_unix_ms = snap.as_ref().map_or(0, |s| s.time_unix_ms);
+        self.emit(Event::Interval(CapInterval {
+            time_unix_ms,
+            processes: lines,
+        }));
+        // Manual mode ends when every target is gone.
+        Ok(if self.a.auto || !self.thr.active().is_empty() {
+            Next::After(self.a.interval)
+        } else {
+            Next::Stop
+        })
+    }
+
+    fn auto_step(&mut self, snap: &Snapshot) -> anyhow::Result<()> {
+        let Some(s) = self.settings else {
+            return Ok(());
+        };
+        let caps: BTreeMap<ProcId, f64> = self
+            .thr
+            .active()
+            .iter()
+            .map(|c| (ProcId::new(c.pid, c.start_time), c.cap_pct))
+            .collect();
+        let o = decide(snap, &s, &caps, &mut self.policy);
+        self.emit(Event::Prediction(PredictionPair {
+            without_caps: o.without_caps,
+            with_caps: o.with_caps,
+        }));
+        for d in o.decisions {
+            self.apply(d)?;
+        }
+        Ok(())
+    }
+
+    /// Applies one decision and says so (every decision in JSON; changes only in text).
+    fn apply(&mut self, d: Decision) -> anyhow::Result<()> {
+        let id = d.id();
+        let changed = match d.action {
+            Action::Cap { cap_pct } => {
+                if !self.thr.cap(id, &d.comm, cap_pct)? {
+                    return Ok(()); // exited meanwhile
+                }
+                true
+            }
+            Action::Lift => {
+                if let Some(undone) = self.thr.lift(&id)? {
+                    let u = immp_model::event::Undo {
+                        pid: d.pid,
+                        start_time: d.start_time,
+                        comm: d.comm.clone(),
+                        undone,
+                    };
+                    self.emit(Event::Lifted(u));
+                }
+                true
+            }
+            Action::Keep { .. } => false,
+        };
+        if changed || self.is_json() {
+            self.emit(Event::Decision(d));
+        }
+        Ok(())
+    }
+
+    fn is_json(&self) -> bool {
+        Format::resolve(self.a.format.map(Into::into)) == Format::Json
+    }
+
+    /// One line per cap in force; a capped process that exited is released (not an error).
+    fn live_lines(&mut self, snap: Option<&Snapshot>) -> anyhow::Result<Vec<CapLine>> {
+        let mut lines = Vec::new();
+        for c in self.thr.active() {
+            let id = ProcId::new(c.pid, c.start_time);
+            if procfs::stat(c.pid).is_none_or(|s| s.id != id) {
+                if let Some(u) = self.thr.lift(&id)? {
+                    let g = Gone {
+                        pid: c.pid,
+                        start_time: c.start_time,
+                        comm: c.comm,
+                        undone: Some(u),
+                    };
+                    self.emit(Event::Gone(g));
+                }
+                continue;
+            }
+            let seen = snap.and_then(|s| s.processes.iter().find(|p| p.id() == id));
+            let dirty = seen.map(|p| p.dirty_bytes_per_s).or(snap.map(|_| 0.0));
+            lines.push(CapLine {
+                pid: c.pid,
+                start_time: c.start_time,
+                comm: c.comm,
+                cap_pct: c.cap_pct,
+                cpu_pct: self.cpu.pct(id).or(seen.map(|p| p.cpu_pct)),
+                dirty_bytes_per_s: dirty,
+            });
+        }
+        Ok(lines)
+    }
+
+    /// Lifts every cap and says how each went; true if any could not be lifted.
+    fn finish(&mut self) -> bool {
+        let mut failed = false;
+        for (p, r) in self.thr.lift_all() {
+            failed |= r.is_err();
+            let e = undo_event(&p, r, Event::Lifted);
+            self.emit(e);
+        }
+        failed
+    }
+}
+
+/// Test hook: proves that a panic mid-run still lifts every cap (the Throttler's Drop runs
+/// while the panic unwinds). Only the test suite sets IMMP_TEST_PANIC_AFTER.
+fn test_panic_hook() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static TICKS: AtomicU64 = AtomicU64::new(0);
+    let Some(n) = std::env::var("IMMP_TEST_PANIC_AFTER")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return;
+    };
+    if TICKS.fetch_add(1, Ordering::SeqCst) + 1 > n {
+        panic!("IMMP_TEST_PANIC_AFTER: injected panic");
+    }
+}

@@ -1,0 +1,87 @@
+//! What the sampler reads, behind two small traits: the kernel's counters (`Probes`) and the
+//! process table (/proc). The real implementations talk to the system; the sampler's unit
+//! tests use scripted ones to check counter diffs, exits and PID reuse without a kernel.
+use immp_common::{Counters, ExitEvent};
+use immp_model::snapshot::{Flavour, KernelStats};
+
+use super::procfs::ProcStat;
+
+/// Per-process counters kept by the kernel programs.
+pub trait CounterSource {
+    /// All live entries (pid -> counters since the entry was created).
+    fn read_counters(&self) -> Vec<(u32, Counters)>;
+    /// One process's counters (a single lookup, for window boundaries).
+    fn counters_of(&self, pid: u32) -> Option<Counters>;
+    /// Exit events queued since the last call (final counts of each exited process).
+    fn drain_exits(&mut self) -> Vec<ExitEvent>;
+    fn kernel_stats(&self) -> KernelStats;
+    fn flavour(&self) -> Flavour;
+    fn folio_pages_known(&self) -> bool;
+    /// Capacity of the per-process table.
+    fn capacity(&self) -> u32;
+    /// Why the preferred probes were not used, if they were not.
+    fn fallback_reason(&self) -> Option<String> {
+        None
+    }
+}
+
+/// The process table, and the one write exact mode makes (clearing soft-dirty bits).
+pub trait ProcSource {
+    /// `None` when the process does not exist.
+    fn stat(&self, pid: u32) -> Option<ProcStat>;
+    fn cmdline(&self, pid: u32) -> String;
+    fn cpu_cgroup(&self, pid: u32) -> String;
+    /// Anonymous memory backed by transparent huge pages, bytes.
+    fn anon_huge_bytes(&self, pid: u32) -> u64;
+    /// Every pid in /proc, sorted.
+    fn pids(&self) -> Vec<u32>;
+    fn uptime_ticks(&self) -> u64;
+    fn ticks_per_second(&self) -> u64;
+    fn page_size(&self) -> u64;
+    /// Re-arms soft-dirty for `pid` (`echo 4 > /proc/PID/clear_refs`).
+    fn clear_refs(&self, pid: u32) -> std::io::Result<()>;
+    /// Pages of `pid` with the soft-dirty bit set.
+    fn count_soft_dirty(&self, pid: u32) -> Result<u64, String>;
+    /// Whether soft-dirty works here (tested by effect).
+    fn soft_dirty_supported(&self) -> Result<bool, String>;
+}
+
+/// The live system's /proc.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LiveProcs;
+
+impl ProcSource for LiveProcs {
+    fn stat(&self, pid: u32) -> Option<ProcStat> {
+        super::procfs::stat(pid)
+    }
+    fn cmdline(&self, pid: u32) -> String {
+        super::procfs::cmdline(pid)
+    }
+    fn cpu_cgroup(&self, pid: u32) -> String {
+        super::procfs::cpu_cgroup(pid)
+    }
+    fn anon_huge_bytes(&self, pid: u32) -> u64 {
+        super::procfs::anon_huge_bytes(pid)
+    }
+    fn pids(&self) -> Vec<u32> {
+        super::procfs::pids()
+    }
+    fn uptime_ticks(&self) -> u64 {
+        super::procfs::uptime_ticks()
+    }
+    fn ticks_per_second(&self) -> u64 {
+        super::procfs::ticks_per_second()
+    }
+    fn page_size(&self) -> u64 {
+        super::procfs::page_size()
+    }
+    fn clear_refs(&self, pid: u32) -> std::io::Result<()> {
+        super::softdirty::clear_refs(pid)
+    }
+    fn count_soft_dirty(&self, pid: u32) -> Result<u64, String> {
+        super::softdirty::count_soft_dirty(pid)
+    }
+    fn soft_dirty_supported(&self) -> Result<bool, String> {
+        super::softdirty::supported()
+    }
+}
