@@ -32,6 +32,10 @@ pub enum Event {
     Restored(Undo),
     RestoreFailed(RestoreFailed),
     Gone(Gone),
+    /// A process already held at or below the cap by its own cgroup: left as it is.
+    Held(Held),
+    /// Someone else moved a capped process out of immp's cgroup: the cap no longer applies.
+    MovedAway(Undo),
     /// `throttle`: the caps in force and what the capped processes do.
     Interval(CapInterval),
     /// `restore` with nothing pending.
@@ -127,6 +131,11 @@ pub enum Undone {
     Continued,
     /// The process (and any children) no longer exist; only the empty cap cgroup was removed.
     Gone,
+    /// Someone else moved the process out of immp's cgroup: its cap was no longer in force;
+    /// it was left where it is now.
+    MovedAway { now_in: String },
+    /// The process is in its original cgroup already (the journaled move never happened).
+    NothingToUndo,
 }
 
 impl Display for Undone {
@@ -141,6 +150,12 @@ impl Display for Undone {
             }
             Undone::Continued => f.write_str("resumed (SIGCONT)"),
             Undone::Gone => f.write_str("no longer exists; its cap cgroup was removed"),
+            Undone::MovedAway { now_in } => write!(
+                f,
+                "moved out of immp's cgroup by someone else (now in {}): left there",
+                clean(now_in)
+            ),
+            Undone::NothingToUndo => f.write_str("already in its original cgroup: nothing to undo"),
         }
     }
 }
@@ -169,6 +184,17 @@ pub struct Gone {
     /// Set when it exited while capped (its cap was released).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub undone: Option<Undone>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Held {
+    pub pid: u32,
+    pub start_time: u64,
+    pub comm: String,
+    pub cap_pct: f64,
+    /// The limit its cgroup (or an ancestor) already sets, percent of one CPU.
+    pub limit_pct: f64,
+    pub cgroup: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -257,6 +283,20 @@ impl Display for Event {
                 Some(_) => write!(f, "{}: exited while capped", who(g.pid, &g.comm)),
                 None => write!(f, "{}: exited before it was capped", who(g.pid, &g.comm)),
             },
+            Event::Held(h) => write!(
+                f,
+                "{}: already held at {:.1}% of one CPU by its cgroup {}; a {:.1}% cap would change nothing: left as is",
+                who(h.pid, &h.comm),
+                h.limit_pct,
+                clean(&h.cgroup),
+                h.cap_pct
+            ),
+            Event::MovedAway(u) => write!(
+                f,
+                "{}: {}; its cap no longer applies",
+                who(u.pid, &u.comm),
+                u.undone
+            ),
             Event::Interval(i) => i.fmt(f),
             Event::Nothing(n) => write!(f, "nothing to restore ({})", clean(&n.journal)),
             Event::Warning(w) => write!(f, "warning: {}", clean(&w.message)),
@@ -382,7 +422,7 @@ impl Sample {
         if h.map_full > 0 || h.exit_lost > 0 {
             writeln!(
                 f,
-                "warning: {} new processes not counted (map full, --max-procs {}), {} exits lost",
+                "warning: {} page events not counted: the kernel's per-process table is full (--max-procs {}); {} exits lost",
                 h.map_full, h.capacity, h.exit_lost
             )?;
         }

@@ -142,7 +142,8 @@ pub struct Health {
     /// Entries the kernel map holds now, and its capacity.
     pub tracked: usize,
     pub capacity: u32,
-    /// New processes not counted because the map was full (this interval).
+    /// Page events (faults, dirtied folios) not counted because the per-process table was full
+    /// and their process had no entry (this interval). Events, not processes.
     pub map_full: u64,
     /// Exits whose final counts were lost (ring buffer full, this interval).
     pub exit_lost: u64,

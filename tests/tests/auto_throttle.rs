@@ -46,7 +46,10 @@ fn dirty_rate_scales_with_the_cpu_cap() {
     let (free, free_cpu) = rate_over(&mut s, id, Duration::from_secs(2));
     assert!(free_cpu > 80.0, "writer is CPU-bound: {free_cpu:.0}%");
     for cap in [50.0, 25.0] {
-        assert!(t.cap(id, "writer", cap).unwrap());
+        assert_eq!(
+            t.cap(id, "writer", cap).unwrap(),
+            immp::act::throttle::CapOutcome::Capped
+        );
         std::thread::sleep(Duration::from_millis(300));
         let (r, cpu) = rate_over(&mut s, id, Duration::from_secs(2));
         let expected = free * cap / free_cpu;

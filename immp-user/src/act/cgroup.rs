@@ -146,6 +146,45 @@ pub fn remove_cgroup(dir: &Path) -> anyhow::Result<()> {
     }
 }
 
+/// The lowest CPU limit, in percent of one CPU, that the process's original cgroup and its
+/// ancestors set, and the cgroup that sets it; `None` when none is limited (or for signals).
+pub fn limit_pct(p: &Placement) -> Option<(f64, String)> {
+    let read = |d: &Path, f: &str| std::fs::read_to_string(d.join(f)).ok();
+    let limit_of = |d: &Path| -> Option<f64> {
+        match p.mechanism {
+            immp_model::event::Mechanism::CgroupV1 => {
+                let quota: i64 = read(d, "cpu.cfs_quota_us")?.trim().parse().ok()?;
+                let period: f64 = read(d, "cpu.cfs_period_us")?.trim().parse().ok()?;
+                (quota > 0).then(|| quota as f64 / period * 100.0)
+            }
+            immp_model::event::Mechanism::CgroupV2 => parse_cpu_max(&read(d, "cpu.max")?),
+            immp_model::event::Mechanism::Signal => None,
+        }
+    };
+    let mut best: Option<(f64, String)> = None;
+    let mut rel = PathBuf::from(&p.original);
+    loop {
+        let dir = p.root.join(rel.strip_prefix("/").unwrap_or(&rel));
+        if let Some(l) = limit_of(&dir)
+            && best.as_ref().is_none_or(|b| l < b.0)
+        {
+            best = Some((l, rel.display().to_string()));
+        }
+        if !rel.pop() || rel.as_os_str().is_empty() {
+            break;
+        }
+    }
+    best
+}
+
+/// `cpu.max` ("max 100000" or "20000 100000") as percent of one CPU; `None` for no limit.
+pub fn parse_cpu_max(s: &str) -> Option<f64> {
+    let mut it = s.split_whitespace();
+    let quota: f64 = it.next()?.parse().ok()?;
+    let period: f64 = it.next().unwrap_or("100000").parse().ok()?;
+    (period > 0.0).then(|| quota / period * 100.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,6 +213,13 @@ mod tests {
                 root: "/sys/fs/cgroup/cpu".into()
             })
         );
+    }
+
+    #[test]
+    fn cpu_max_values() {
+        assert_eq!(parse_cpu_max("max 100000\n"), None);
+        assert_eq!(parse_cpu_max("20000 100000"), Some(20.0));
+        assert_eq!(parse_cpu_max("1000 200000"), Some(0.5));
     }
 
     #[test]

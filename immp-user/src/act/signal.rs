@@ -1,7 +1,12 @@
 //! The SIGSTOP/SIGCONT duty cycle (what cpulimit does), for machines without a cgroup cpu
 //! controller: coarse, a last resort.
+//!
+//! Signals go through pidfds: a pidfd opened for a process whose start time was then checked
+//! refers to that process for good, so a signal can never reach another process that got its
+//! pid (`kill(pid)` after a check could, between the check and the kill).
 use std::{
     collections::BTreeMap,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -15,57 +20,87 @@ use crate::collect::procfs;
 /// Period of the SIGSTOP/SIGCONT duty cycle.
 const SIGNAL_PERIOD: Duration = Duration::from_millis(100);
 
+/// A handle on one process, checked against its start time when opened.
+#[derive(Debug)]
+pub struct Pidfd(OwnedFd);
+
+impl Pidfd {
+    /// `None` when no process (pid, start time) exists now.
+    pub fn open(pid: u32, start_time: u64) -> Option<Self> {
+        // SAFETY: pidfd_open(2) with no flags returns a new fd we own, or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
+        if fd < 0 {
+            return None;
+        }
+        // SAFETY: fd is a freshly opened descriptor owned by nobody else.
+        let fd = Pidfd(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+        // Checked after opening: if this is the right process now, the fd stays bound to it.
+        procfs::stat(pid)
+            .is_some_and(|s| s.id.start_time == start_time)
+            .then_some(fd)
+    }
+
+    /// Sends `sig`; false once the process has exited.
+    pub fn signal(&self, sig: i32) -> bool {
+        // SAFETY: pidfd_send_signal(2) on a pidfd we own, no siginfo, no flags.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.0.as_raw_fd(),
+                sig,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        r == 0
+    }
+}
+
+type Targets = Arc<Mutex<BTreeMap<u32, (Pidfd, f64)>>>;
+
 /// The SIGSTOP/SIGCONT duty cycle, for machines without a cgroup cpu controller.
 pub struct SignalDriver {
-    targets: Arc<Mutex<BTreeMap<u32, (u64, f64)>>>,
+    targets: Targets,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
+/// One period: everyone runs, then each is stopped when its share of the period is used.
+fn cycle(t: &Targets) {
+    let start = Instant::now();
+    let Ok(m) = t.lock() else { return };
+    let mut list: Vec<(&Pidfd, f64)> = m.values().map(|(fd, c)| (fd, *c)).collect();
+    list.sort_by(|a, b| a.1.total_cmp(&b.1));
+    for (fd, _) in &list {
+        fd.signal(libc::SIGCONT);
+    }
+    for (fd, pct) in &list {
+        let run = SIGNAL_PERIOD.mul_f64((pct / 100.0).min(1.0));
+        if let Some(left) = run.checked_sub(start.elapsed()) {
+            std::thread::sleep(left);
+        }
+        if *pct < 100.0 {
+            fd.signal(libc::SIGSTOP);
+        }
+    }
+    drop(m);
+    if let Some(left) = SIGNAL_PERIOD.checked_sub(start.elapsed()) {
+        std::thread::sleep(left);
+    }
+}
+
 impl SignalDriver {
     pub fn start() -> Self {
-        let targets: Arc<Mutex<BTreeMap<u32, (u64, f64)>>> = Arc::default();
+        let targets: Targets = Arc::default();
         let stop = Arc::new(AtomicBool::new(false));
         let (t, s) = (targets.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
-            let sig = |pid: u32, sig: i32| {
-                // SAFETY: kill(2); the pid's start time is checked when it is registered.
-                unsafe { libc::kill(pid as i32, sig) };
-            };
             while !s.load(Ordering::Relaxed) {
-                let start = Instant::now();
-                // A pid whose start time changed is a new process: never signal it.
-                let mut list: Vec<(u32, f64)> = t
-                    .lock()
-                    .map(|m| {
-                        m.iter()
-                            .filter(|(p, (st, _))| {
-                                procfs::stat(**p).is_some_and(|s| s.id.start_time == *st)
-                            })
-                            .map(|(p, (_, c))| (*p, *c))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                list.sort_by(|a, b| a.1.total_cmp(&b.1));
-                for (pid, _) in &list {
-                    sig(*pid, libc::SIGCONT);
-                }
-                for (pid, pct) in &list {
-                    let run = SIGNAL_PERIOD.mul_f64((pct / 100.0).min(1.0));
-                    if let Some(left) = run.checked_sub(start.elapsed()) {
-                        std::thread::sleep(left);
-                    }
-                    if *pct < 100.0 {
-                        sig(*pid, libc::SIGSTOP);
-                    }
-                }
-                if let Some(left) = SIGNAL_PERIOD.checked_sub(start.elapsed()) {
-                    std::thread::sleep(left);
-                }
+                cycle(&t);
             }
             if let Ok(m) = t.lock() {
-                for pid in m.keys() {
-                    sig(*pid, libc::SIGCONT);
+                for (fd, _) in m.values() {
+                    fd.signal(libc::SIGCONT);
                 }
             }
         });
@@ -76,21 +111,37 @@ impl SignalDriver {
         }
     }
 
-    pub fn set(&self, pid: u32, start_time: u64, pct: f64) {
-        if let Ok(mut m) = self.targets.lock() {
-            m.insert(pid, (start_time, pct));
+    /// Adds or changes a target; false when (pid, start time) no longer exists.
+    pub fn set(&self, pid: u32, start_time: u64, pct: f64) -> bool {
+        let Ok(mut m) = self.targets.lock() else {
+            return false;
+        };
+        if let Some(e) = m.get_mut(&pid) {
+            e.1 = pct;
+            return true;
+        }
+        match Pidfd::open(pid, start_time) {
+            Some(fd) => {
+                m.insert(pid, (fd, pct));
+                true
+            }
+            None => false,
         }
     }
 
     pub fn remove(&self, pid: u32) {
-        if let Ok(mut m) = self.targets.lock() {
-            m.remove(&pid);
+        let fd = self.targets.lock().ok().and_then(|mut m| m.remove(&pid));
+        // Leaving it running is the safe state.
+        if let Some((fd, _)) = fd {
+            fd.signal(libc::SIGCONT);
         }
-        // SAFETY: kill(2); leaving it running is the safe state.
-        unsafe { libc::kill(pid as i32, libc::SIGCONT) };
     }
 
     pub fn stop(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -100,9 +151,34 @@ impl SignalDriver {
 
 impl Drop for SignalDriver {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.halt();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pidfd_is_bound_to_the_checked_process() {
+        let me = procfs::stat(std::process::id()).unwrap().id;
+        assert!(Pidfd::open(me.pid, me.start_time).is_some());
+        assert!(
+            Pidfd::open(me.pid, me.start_time + 1).is_none(),
+            "another incarnation"
+        );
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let id = procfs::stat(child.id()).unwrap().id;
+        let fd = Pidfd::open(id.pid, id.start_time).unwrap();
+        assert!(fd.signal(0), "alive");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(
+            !fd.signal(0),
+            "reaped: the fd never reaches a process that reuses the pid"
+        );
     }
 }

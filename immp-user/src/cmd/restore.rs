@@ -26,6 +26,13 @@ pub struct RestoreArgs {
 
 pub fn run(a: RestoreArgs) -> anyhow::Result<i32> {
     crate::require_root()?;
+    let dir = &a.journal.journal_dir;
+    if !dir.is_dir() {
+        return Err(crate::usage(format!(
+            "journal directory {} does not exist (nothing was changed; see --journal-dir)",
+            dir.display()
+        )));
+    }
     let mut out = view::for_format(Format::resolve(a.format.map(Into::into)), std::io::stdout());
     let mut j = Journal::open(&a.journal.journal_dir).context("opening the journal")?;
     let done = restore_all(&mut j)?;

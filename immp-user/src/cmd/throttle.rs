@@ -1,10 +1,13 @@
 //! `immp throttle`: cap processes' CPU live (manual or automatic), lift every cap at the end.
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
 use clap::Args;
 use immp_model::{
     Event, ProcId, Snapshot,
-    event::{CapInterval, CapLine, Gone, PredictionPair, Start, Warning},
+    event::{CapInterval, CapLine, Gone, Held, PredictionPair, Start, Undo, Warning},
     policy::{Action, AutoSettings, Decision, PolicyState, decide},
 };
 
@@ -14,7 +17,10 @@ use super::{
     run::{Next, run_loop, stop_requested},
 };
 use crate::{
-    act::{target::validate_target, throttle::Throttler},
+    act::{
+        target::validate_target,
+        throttle::{CapOutcome, Throttler},
+    },
     collect::{cpu::CpuMeter, procfs, sampler::Sampler},
     view::{self, Format, View},
 };
@@ -80,6 +86,8 @@ struct Run<'a> {
     settings: Option<AutoSettings>,
     policy: PolicyState,
     cpu: CpuMeter,
+    /// Processes already reported as held by their own cgroup's limit.
+    held: BTreeSet<ProcId>,
 }
 
 pub fn run(a: ThrottleArgs) -> anyhow::Result<i32> {
@@ -106,6 +114,7 @@ pub fn run(a: ThrottleArgs) -> anyhow::Result<i32> {
         sampler,
         policy: PolicyState::default(),
         cpu: CpuMeter::default(),
+        held: BTreeSet::new(),
     };
     run.start(&targets)?;
     let res = if stop_requested().is_some() {
@@ -179,23 +188,43 @@ impl Run<'_> {
             if stop_requested().is_some() {
                 break;
             }
-            if self.thr.cap(*id, comm, cap)? {
-                let c = self.thr.active().into_iter().find(|c| c.pid == id.pid);
-                if let Some(c) = c {
-                    self.emit(Event::Capped(c));
-                }
-            } else {
-                let g = Gone {
-                    pid: id.pid,
-                    start_time: id.start_time,
-                    comm: comm.clone(),
-                    undone: None,
-                };
-                self.emit(Event::Gone(g));
-            }
+            let outcome = self.thr.cap(*id, comm, cap)?;
+            self.report(*id, comm, cap, outcome);
             self.cpu.pct(*id);
         }
         Ok(())
+    }
+
+    /// Says what asking for a cap did (a held process once, not every interval).
+    fn report(&mut self, id: ProcId, comm: &str, cap_pct: f64, outcome: CapOutcome) {
+        let (pid, start_time, comm) = (id.pid, id.start_time, comm.to_string());
+        match outcome {
+            CapOutcome::Capped => {
+                let c = self.thr.active().into_iter().find(|c| c.pid == pid);
+                if let Some(c) = c {
+                    self.emit(Event::Capped(c));
+                }
+            }
+            CapOutcome::Held { limit_pct, cgroup } => {
+                if self.held.insert(id) {
+                    let h = Held {
+                        pid,
+                        start_time,
+                        comm,
+                        cap_pct,
+                        limit_pct,
+                        cgroup,
+                    };
+                    self.emit(Event::Held(h));
+                }
+            }
+            CapOutcome::Gone => self.emit(Event::Gone(Gone {
+                pid,
+                start_time,
+                comm,
+                undone: None,
+            })),
+        }
     }
 
     fn tick(&mut self) -> anyhow::Result<Next> {
@@ -244,14 +273,28 @@ impl Run<'_> {
         let id = d.id();
         let changed = match d.action {
             Action::Cap { cap_pct } => {
-                if !self.thr.cap(id, &d.comm, cap_pct)? {
-                    return Ok(()); // exited meanwhile
+                let new = !self.thr.active().iter().any(|c| c.pid == id.pid);
+                match self.thr.cap(id, &d.comm, cap_pct) {
+                    Ok(CapOutcome::Capped) if new => {
+                        self.report(id, &d.comm, cap_pct, CapOutcome::Capped)
+                    }
+                    Ok(CapOutcome::Capped) => {}
+                    Ok(other) => {
+                        self.report(id, &d.comm, cap_pct, other);
+                        return Ok(());
+                    }
+                    // One process that cannot be capped never stops the others' caps.
+                    Err(e) => {
+                        let message = format!("PID {}: not capped: {e:#}", d.pid);
+                        self.emit(Event::Warning(Warning { message }));
+                        return Ok(());
+                    }
                 }
                 true
             }
             Action::Lift => {
                 if let Some(undone) = self.thr.lift(&id)? {
-                    let u = immp_model::event::Undo {
+                    let u = Undo {
                         pid: d.pid,
                         start_time: d.start_time,
                         comm: d.comm.clone(),
@@ -278,7 +321,21 @@ impl Run<'_> {
         let mut lines = Vec::new();
         for c in self.thr.active() {
             let id = ProcId::new(c.pid, c.start_time);
-            if procfs::stat(c.pid).is_none_or(|s| s.id != id) {
+            let alive = procfs::stat(c.pid).is_some_and(|s| s.id == id);
+            if alive && !self.thr.in_force(&id) {
+                // Someone else moved it out of its cap cgroup: the cap no longer applies.
+                if let Some(undone) = self.thr.lift(&id)? {
+                    let u = Undo {
+                        pid: c.pid,
+                        start_time: c.start_time,
+                        comm: c.comm,
+                        undone,
+                    };
+                    self.emit(Event::MovedAway(u));
+                }
+                continue;
+            }
+            if !alive {
                 if let Some(u) = self.thr.lift(&id)? {
                     let g = Gone {
                         pid: c.pid,

@@ -42,6 +42,33 @@ pub fn stat(pid: u32) -> Option<ProcStat> {
     })
 }
 
+/// The thread group (process) a task id belongs to; `None` when it does not exist.
+pub fn tgid(pid: u32) -> Option<u32> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The cap cgroup an immp put the process in (a path component `immp-<pid>-<start>`), in any
+/// hierarchy; `None` when it is in none.
+pub fn immp_cgroup(pid: u32) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines()
+        .filter_map(|l| l.splitn(3, ':').nth(2))
+        .find(|path| path.split('/').any(is_cap_cgroup_name))
+        .map(str::to_string)
+}
+
+/// `immp-<pid>-<start time>`: the name immp gives its cap cgroups.
+pub fn is_cap_cgroup_name(name: &str) -> bool {
+    name.strip_prefix("immp-")
+        .and_then(|r| r.split_once('-'))
+        .is_some_and(|(a, b)| {
+            !a.is_empty() && !b.is_empty() && a.bytes().chain(b.bytes()).all(|c| c.is_ascii_digit())
+        })
+}
+
 /// An exited process its parent has not reaped yet.
 pub fn is_zombie(pid: u32) -> bool {
     Process::new(pid as i32)
@@ -157,13 +184,24 @@ mod tests {
     }
 
     #[test]
+    fn cap_cgroup_names() {
+        assert!(is_cap_cgroup_name("immp-42-12345"));
+        assert!(!is_cap_cgroup_name("immp-tests"));
+        assert!(!is_cap_cgroup_name("immp-42-"));
+        assert!(!is_cap_cgroup_name("user.slice"));
+        assert_eq!(tgid(std::process::id()), Some(std::process::id()));
+    }
+
+    #[test]
     fn self_stat() {
         let me = stat(std::process::id()).expect("own stat");
         assert!(!me.kernel_thread);
         assert!(me.id.start_time > 0);
-        // kthreadd is pid 2 on Linux.
-        if let Some(k) = stat(2) {
-            assert!(k.kernel_thread);
-        }
+        assert!(
+            pids()
+                .into_iter()
+                .any(|p| stat(p).is_some_and(|s| s.kernel_thread)),
+            "kernel threads are flagged"
+        );
     }
 }

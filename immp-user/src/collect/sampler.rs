@@ -232,6 +232,17 @@ impl<C: CounterSource, P: ProcSource> Sampler<C, P> {
         }
         self.counters.drain_exits();
         self.last_stats = self.counters.kernel_stats();
+        // Watched processes are named now: one that exits before its first sample still has
+        // its name in the output.
+        for id in self.watch.clone() {
+            if let Some(st) = self.procs.stat(id.pid).filter(|s| s.id == id) {
+                let n = Names {
+                    comm: st.comm,
+                    cmdline: self.procs.cmdline(id.pid),
+                };
+                self.names.insert(id, n);
+            }
+        }
         if !self.exact.on {
             return;
         }
