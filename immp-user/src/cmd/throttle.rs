@@ -7,7 +7,7 @@ use std::{
 use clap::Args;
 use immp_model::{
     Event, ProcId, Snapshot,
-    event::{CapInterval, CapLine, Gone, Held, PredictionPair, Start, Undo, Warning},
+    event::{CapInterval, CapLine, Gone, Held, PredictionPair, Start, Undo, Undone, Warning},
     policy::{Action, AutoSettings, Decision, PolicyState, decide},
 };
 
@@ -325,6 +325,13 @@ impl Run<'_> {
             if alive && !self.thr.in_force(&id) {
                 // Someone else moved it out of its cap cgroup: the cap no longer applies.
                 if let Some(undone) = self.thr.lift(&id)? {
+                    let undone = match undone {
+                        // Moved back to where it was, by someone else: still moved away.
+                        Undone::NothingToUndo => Undone::MovedAway {
+                            now_in: procfs::cpu_cgroup(c.pid),
+                        },
+                        u => u,
+                    };
                     let u = Undo {
                         pid: c.pid,
                         start_time: c.start_time,
