@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-/// Every signal whose default action would end immp. SIGKILL and SIGSTOP cannot be caught: for
+/// The signals a user sends to stop a program. SIGKILL and SIGSTOP cannot be caught: for
 /// SIGKILL there is the journal and `immp restore`.
 pub const STOP_SIGNALS: [i32; 8] = [
     libc::SIGHUP,
@@ -25,13 +25,37 @@ pub const STOP_SIGNALS: [i32; 8] = [
     libc::SIGPIPE,
 ];
 
+/// Every other signal whose default action ends a process and that a handler may catch
+/// (the real-time signals too): none of them may end immp with a cap left in place.
+fn other_terminating() -> Vec<i32> {
+    let mut v = vec![
+        libc::SIGVTALRM,
+        libc::SIGPROF,
+        libc::SIGXCPU,
+        libc::SIGXFSZ,
+        libc::SIGPWR,
+        libc::SIGIO,
+        libc::SIGSTKFLT,
+        libc::SIGSYS,
+        libc::SIGTRAP,
+    ];
+    v.extend(libc::SIGRTMIN()..=libc::SIGRTMAX());
+    v
+}
+
 static STOP: std::sync::OnceLock<Arc<AtomicUsize>> = std::sync::OnceLock::new();
 
 /// Installs the stop handlers (idempotent). Call before anything changes the system.
 pub fn install_stop_handlers() -> std::io::Result<()> {
     let flag = STOP.get_or_init(|| Arc::new(AtomicUsize::new(0)));
-    for sig in STOP_SIGNALS {
-        signal_hook::flag::register_usize(sig, flag.clone(), sig as usize)?;
+    for sig in STOP_SIGNALS.into_iter().chain(other_terminating()) {
+        // SAFETY (inside signal-hook): the handler only stores into an atomic.
+        if let Err(e) = signal_hook::flag::register_usize(sig, flag.clone(), sig as usize) {
+            // Real-time signals the C library reserves for itself cannot be registered.
+            if STOP_SIGNALS.contains(&sig) {
+                return Err(e);
+            }
+        }
     }
     Ok(())
 }
