@@ -10,6 +10,7 @@ pub mod act;
 pub mod cmd;
 pub mod collect;
 pub mod error;
+pub mod pidfd;
 pub mod view;
 
 pub use error::{ExitError, environment, exit, require_root, usage};

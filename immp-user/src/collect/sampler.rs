@@ -310,6 +310,8 @@ impl<C: CounterSource, P: ProcSource> Sampler<C, P> {
             self.exact.armed.insert(id); // re-armed at the window boundary
             return;
         }
+        // --verify's process is held still for its boundary (see `close_windows`).
+        let _still = (Some(id) == self.exact.verify).then(|| self.procs.freeze(id));
         if self.procs.clear_refs(id.pid).is_ok() {
             // Its next window starts now: take the baseline now too.
             if let Some(c) = self.counters.counters_of(id.pid) {
@@ -414,28 +416,36 @@ impl<C: CounterSource, P: ProcSource> Sampler<C, P> {
 
     /// Exact windows end here for the armed processes: each is re-armed and its counters read
     /// right away, so that the count's boundary is the window's (a gap between the two would
-    /// count a page written in it twice). --verify reads pagemap first: re-arming clears the
-    /// bits it counts.
+    /// count a page written in it twice). --verify's process is held still while pagemap is
+    /// read (re-arming clears the bits it counts), re-armed and counted: its two counts then
+    /// cover exactly the same window.
     fn close_windows(&mut self, r: &mut Reads) {
-        r.verify_sd = self
-            .exact
-            .verify
-            .filter(|v| self.exact.armed.contains(v))
-            .and_then(|v| {
-                self.procs
-                    .count_soft_dirty(v.pid)
-                    .ok()
-                    .map(|sd| (v.pid, sd))
-            });
         if !self.exact.on {
             return;
         }
-        for id in &self.exact.armed {
-            if self.procs.clear_refs(id.pid).is_ok()
-                && let Some(c) = self.counters.counters_of(id.pid)
-            {
-                r.boundary.insert(id.pid, c);
-            }
+        if let Some(v) = self.exact.verify.filter(|v| self.exact.armed.contains(v)) {
+            let _still = self.procs.freeze(v);
+            r.verify_sd = self
+                .procs
+                .count_soft_dirty(v.pid)
+                .ok()
+                .map(|sd| (v.pid, sd));
+            self.rearm_boundary(v, r);
+        }
+        let armed: Vec<ProcId> = self.exact.armed.iter().copied().collect();
+        for id in armed
+            .into_iter()
+            .filter(|id| Some(*id) != self.exact.verify)
+        {
+            self.rearm_boundary(id, r);
+        }
+    }
+
+    fn rearm_boundary(&self, id: ProcId, r: &mut Reads) {
+        if self.procs.clear_refs(id.pid).is_ok()
+            && let Some(c) = self.counters.counters_of(id.pid)
+        {
+            r.boundary.insert(id.pid, c);
         }
     }
 

@@ -101,3 +101,54 @@ fn pagemap_self(addr: usize) -> Result<u64, String> {
     f.read_exact(&mut b).map_err(|e| format!("pagemap: {e}"))?;
     Ok(u64::from_le_bytes(b))
 }
+
+/// A process held stopped (SIGSTOP) for a window boundary; SIGCONT when dropped. Only
+/// `--verify` uses it: with the process still, reading pagemap, re-arming and reading the
+/// counters happen at one instant of its life, so the two counts cover the same window.
+pub struct Frozen(Option<crate::pidfd::Pidfd>);
+
+impl Frozen {
+    /// Nothing frozen (the process was already stopped, or cannot be).
+    pub fn none() -> Self {
+        Frozen(None)
+    }
+
+    /// Stops (pid, start time) and waits until every thread of it is stopped (at most 500 ms).
+    pub fn stop(pid: u32, start_time: u64) -> Self {
+        let Some(fd) = crate::pidfd::Pidfd::open(pid, start_time) else {
+            return Frozen(None);
+        };
+        if all_threads_stopped(pid) {
+            return Frozen(None); // stopped by someone else: leave it as it is
+        }
+        if !fd.signal(libc::SIGSTOP) {
+            return Frozen(None);
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
+        while !all_threads_stopped(pid) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+        Frozen(Some(fd))
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        if let Some(fd) = &self.0 {
+            fd.signal(libc::SIGCONT);
+        }
+    }
+}
+
+/// Every thread of `pid` is in a stopped state (`T`).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    rd.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat"))
+            .ok()
+            .and_then(|s| s.rsplit_once(") ").map(|(_, r)| r.starts_with('T')))
+            .unwrap_or(true) // a thread gone meanwhile does not write
+    })
+}

@@ -4,7 +4,8 @@
 use immp_common::{Counters, ExitEvent};
 use immp_model::snapshot::{Flavour, KernelStats};
 
-use super::procfs::ProcStat;
+use super::{procfs::ProcStat, softdirty::Frozen};
+use immp_model::ProcId;
 
 /// Per-process counters kept by the kernel programs.
 pub trait CounterSource {
@@ -44,6 +45,10 @@ pub trait ProcSource {
     fn count_soft_dirty(&self, pid: u32) -> Result<u64, String>;
     /// Whether soft-dirty works here (tested by effect).
     fn soft_dirty_supported(&self) -> Result<bool, String>;
+    /// Holds the process still until the guard drops (`--verify` window boundaries).
+    fn freeze(&self, _id: ProcId) -> Frozen {
+        Frozen::none()
+    }
 }
 
 /// The live system's /proc.
@@ -83,5 +88,8 @@ impl ProcSource for LiveProcs {
     }
     fn soft_dirty_supported(&self) -> Result<bool, String> {
         super::softdirty::supported()
+    }
+    fn freeze(&self, id: ProcId) -> Frozen {
+        Frozen::stop(id.pid, id.start_time)
     }
 }
