@@ -100,6 +100,11 @@ pub struct Start {
     pub journal: String,
     pub auto: bool,
     pub cap_pct: Option<f64>,
+    /// `--auto`: the goal, seconds of migration, and what an idle guest's would take.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idle_s: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -117,6 +122,9 @@ pub struct Capped {
 pub struct PredictionPair {
     pub without_caps: Prediction,
     pub with_caps: Prediction,
+    /// The goal (seconds of migration) and whether the caps decided meet it.
+    pub target_s: f64,
+    pub goal_met: bool,
 }
 
 /// What undoing one cap did.
@@ -231,12 +239,18 @@ impl Display for Event {
     fn fmt(&self, f: &mut Formatter<'_>) -> fmt::Result {
         match self {
             Event::Sample(s) => s.fmt(f),
-            Event::Start(s) => write!(
-                f,
-                "immp throttle: mechanism {}, journal {}; Ctrl-C lifts every cap",
-                s.mechanism,
-                clean(&s.journal)
-            ),
+            Event::Start(s) => {
+                write!(
+                    f,
+                    "immp throttle: mechanism {}, journal {}",
+                    s.mechanism,
+                    clean(&s.journal)
+                )?;
+                if let (Some(t), Some(idle)) = (s.target_s, s.idle_s) {
+                    write!(f, "; goal: migration in {t:.1}s (idle guest: {idle:.1}s)")?;
+                }
+                write!(f, "; Ctrl-C lifts every cap")
+            }
             Event::Capped(c) => {
                 write!(
                     f,
@@ -248,9 +262,11 @@ impl Display for Event {
             }
             Event::Prediction(p) => write!(
                 f,
-                "prediction: without caps {}; with caps {}",
+                "prediction: without caps {}; with caps {} (goal {:.1}s: {})",
                 brief(&p.without_caps),
-                brief(&p.with_caps)
+                brief(&p.with_caps),
+                p.target_s,
+                if p.goal_met { "met" } else { "NOT met" }
             ),
             Event::Decision(d) => {
                 write!(

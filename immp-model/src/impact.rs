@@ -4,7 +4,7 @@ use std::{collections::BTreeMap, time::Duration};
 use serde::Serialize;
 
 use crate::{
-    policy::{PolicyState, writer_for},
+    policy::writer_for,
     predict::{Link, Prediction, Writer, highest_cap, predict},
     snapshot::{ProcId, Snapshot},
 };
@@ -28,13 +28,12 @@ pub struct Assessment {
 
 /// The migration predicted from a snapshot, and each of the `top` busiest writers' part in it.
 pub fn assess(snap: &Snapshot, link: &Link, target: Option<Duration>, top: usize) -> Assessment {
-    let st = &mut PolicyState::default();
     let page = snap.page_size as f64;
     let mut writers: Vec<(ProcId, Writer)> = snap
         .processes
         .iter()
         .filter(|p| !p.gone && p.dirty_bytes_per_s > 0.0)
-        .map(|p| (p.id(), writer_for(p, st, false, page)))
+        .map(|p| (p.id(), writer_for(p, page)))
         .collect();
     writers.sort_by(|a, b| b.1.rate.total_cmp(&a.1.rate));
     let named: f64 = writers.iter().map(|(_, w)| w.rate).sum();

@@ -62,6 +62,10 @@ pub struct Writer {
     /// Measured distinct bytes dirtied per window length (window_s, bytes), increasing windows;
     /// empty: `rate x t`.
     pub curve: Vec<(f64, f64)>,
+    /// Dirty rates measured under caps: (cap percent, bytes/s), any order. Empty: a cap is
+    /// assumed to slow the process in proportion (cap / cpu), which real writers often do not
+    /// follow (a capped writer can lose more than its CPU share: caches, TLB, fault costs).
+    pub response: Vec<(f64, f64)>,
 }
 
 impl Writer {
@@ -71,18 +75,54 @@ impl Writer {
             working_set,
             cpu_pct,
             curve: Vec::new(),
+            response: Vec::new(),
         }
+    }
+
+    /// Its dirty rate under `cap_pct` (bytes/s): through the measured response when there is
+    /// one (piecewise linear through (0, 0), the measured points made monotone, and the
+    /// uncapped point), else in proportion to the CPU.
+    pub fn rate_at(&self, cap_pct: Option<f64>) -> f64 {
+        self.rate * self.speed(cap_pct)
+    }
+
+    /// The share of its uncapped progress a cap leaves it (0..=1).
+    pub fn speed(&self, cap_pct: Option<f64>) -> f64 {
+        let Some(c) = cap_pct.filter(|c| self.cpu_pct > 0.0 && *c < self.cpu_pct) else {
+            return 1.0;
+        };
+        if self.response.is_empty() || self.rate <= 0.0 {
+            return c / self.cpu_pct;
+        }
+        let mut pts: Vec<(f64, f64)> = self
+            .response
+            .iter()
+            .filter(|(pc, _)| *pc < self.cpu_pct)
+            .map(|&(pc, r)| (pc, (r / self.rate).min(1.0)))
+            .collect();
+        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        pts.push((self.cpu_pct, 1.0));
+        let mut prev = (0.0, 0.0);
+        for (pc, f) in pts {
+            let f = f.max(prev.1); // more CPU never dirties less
+            if c <= pc {
+                let w = if pc > prev.0 {
+                    (c - prev.0) / (pc - prev.0)
+                } else {
+                    1.0
+                };
+                return prev.1 + w * (f - prev.1);
+            }
+            prev = (pc, f);
+        }
+        1.0
     }
 
     /// Distinct bytes dirtied in a round of `t` seconds. A cap slows the process down: in `t`
     /// it does what it would do uncapped in `t x cap / cpu` (for a streaming writer that is the
     /// rate scaled by the cap; for a rewriter of a small buffer it changes little).
     pub fn dirtied(&self, t: f64, cap_pct: Option<f64>) -> f64 {
-        let scale = match cap_pct {
-            Some(c) if self.cpu_pct > 0.0 && c < self.cpu_pct => c / self.cpu_pct,
-            _ => 1.0,
-        };
-        let te = t * scale;
+        let te = t * self.speed(cap_pct);
         let bytes = match self.curve.as_slice() {
             [] => self.rate * te,
             pts => interpolate(pts, te),
@@ -233,6 +273,7 @@ mod tests {
             working_set: 50e6,
             cpu_pct: 100.0,
             curve: pts,
+            response: Vec::new(),
         };
         assert!((w.dirtied(0.3, None) - 6e6).abs() < 1.0);
         assert_eq!(w.dirtied(30.0, None), 10e6, "flat beyond the last window");
@@ -250,6 +291,24 @@ mod tests {
             (streaming.dirtied(10.0, None) - 50e6).abs() < 1.0,
             "linear continuation"
         );
+    }
+
+    #[test]
+    fn a_measured_response_replaces_proportionality() {
+        // Uncapped 20 MB/s at 80 % CPU; measured 4 MB/s under a 24 % cap (proportional: 6).
+        let mut w = Writer::linear(20e6, 1e9, 80.0);
+        assert!((w.rate_at(Some(24.0)) - 6e6).abs() < 1.0);
+        w.response = vec![(24.0, 4e6)];
+        assert!((w.rate_at(Some(24.0)) - 4e6).abs() < 1.0);
+        assert!((w.rate_at(Some(12.0)) - 2e6).abs() < 1.0, "through (0, 0)");
+        assert!(
+            (w.rate_at(Some(52.0)) - 12e6).abs() < 1.0,
+            "towards the uncapped point"
+        );
+        assert_eq!(w.rate_at(Some(90.0)), 20e6);
+        // Noisy points never make a higher cap dirty less.
+        w.response = vec![(30.0, 9e6), (40.0, 7e6)];
+        assert!(w.rate_at(Some(40.0)) >= w.rate_at(Some(30.0)));
     }
 
     #[test]

@@ -148,6 +148,9 @@ pub struct Health {
     /// Exits whose final counts were lost (ring buffer full, this interval).
     pub exit_lost: u64,
     pub kernel: KernelStats,
+    /// Processes whose /proc files could not be read this interval (reported as live: a read
+    /// error is not an exit).
+    pub proc_read_errors: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -109,12 +109,15 @@ pub fn still_capped(p: &Placement) -> bool {
     if p.capped.is_empty() {
         return true;
     }
-    let text = std::fs::read_to_string(format!("/proc/{}/cgroup", p.pid)).unwrap_or_default();
+    // Unreadable (a read error, or exited): no evidence that anyone moved it.
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{}/cgroup", p.pid)) else {
+        return true;
+    };
     let now = match p.mechanism {
         Mechanism::CgroupV1 => cgroup_line(&text, |c| c.split(',').any(|x| x == "cpu")),
         _ => cgroup_line(&text, str::is_empty),
     };
-    now.is_some_and(|c| c == p.capped)
+    now.is_none_or(|c| c == p.capped)
 }
 
 /// Restores every pending placement of the journal (used by `immp restore` and at start-up).

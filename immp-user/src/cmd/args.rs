@@ -140,7 +140,8 @@ pub struct LinkArgs {
     /// Migration link bandwidth (e.g. 100Mbit, 1Gbit, 12.5MB/s)
     #[arg(long, value_parser = bandwidth)]
     pub bandwidth: Option<f64>,
-    /// Guest RAM to migrate (e.g. 512MB); default: this machine's MemTotal
+    /// What an idle migration sends in its first round (e.g. 512MB); default: memory in use
+    /// (MemTotal - MemFree: untouched pages are zero pages, almost free to send)
     #[arg(long, value_parser = bytes)]
     pub ram: Option<f64>,
     /// Downtime limit of the migration (stop-and-copy), as in QEMU
@@ -153,7 +154,7 @@ pub struct LinkArgs {
 
 impl LinkArgs {
     pub fn link(&self) -> Option<Link> {
-        let ram = self.ram.unwrap_or_else(procfs::mem_total);
+        let ram = self.ram.unwrap_or_else(procfs::mem_used);
         self.bandwidth.map(|bw| Link::new(bw, ram, self.downtime))
     }
 }

@@ -8,7 +8,7 @@ use clap::Args;
 use immp_model::{
     Event, ProcId, Snapshot,
     event::{CapInterval, CapLine, Gone, Held, PredictionPair, Start, Undo, Undone, Warning},
-    policy::{Action, AutoSettings, Decision, PolicyState, decide},
+    policy::{Action, AutoSettings, Decision, PolicyState, decide, idle_time},
 };
 
 use super::{
@@ -52,12 +52,13 @@ pub struct ThrottleArgs {
     /// Lowest cap the automatic policy may set (QoS floor)
     #[arg(long, default_value = "15%", value_parser = args::cap)]
     pub floor: f64,
-    /// Migration time to achieve (e.g. 60s); default: converging at all
+    /// Migration time to achieve (e.g. 60s); default: 1.3 x the idle guest's migration time
+    /// (memory in use / bandwidth), shown at start
     #[arg(long, value_parser = args::positive_duration)]
     pub target: Option<Duration>,
-    /// Plan caps so that migration converges using only (100 % - this) of the link: a margin
-    /// for dirtying the counts do not see (kernel work on the process's behalf, noise)
-    #[arg(long, default_value = "20%", value_parser = args::headroom)]
+    /// Share of the dirtying the counts may miss (kernel work on a process's behalf, noise):
+    /// measured rates are planned as rate / (1 - headroom)
+    #[arg(long, default_value = "10%", value_parser = args::headroom)]
     pub headroom: f64,
     /// Lift all caps after this long (e.g. 10m): a deadline; default: until Ctrl-C
     #[arg(long, value_parser = args::positive_duration)]
@@ -151,14 +152,11 @@ fn open_sampler(
 }
 
 fn auto_settings(a: &ThrottleArgs) -> Option<AutoSettings> {
+    let base = AutoSettings::new(a.link.link()?, a.floor, a.target);
     Some(AutoSettings {
-        link: a.link.link()?,
-        floor_pct: a.floor,
-        target: a.target,
         immp_share: a.link.immp_share,
-        hysteresis_pct: 5.0,
-        lift_after: 3,
         headroom: a.headroom,
+        ..base
     })
 }
 
@@ -181,6 +179,14 @@ impl Run<'_> {
             journal,
             auto: self.a.auto,
             cap_pct: self.a.cap,
+            target_s: self
+                .settings
+                .filter(|_| self.a.auto)
+                .map(|s| s.target.as_secs_f64()),
+            idle_s: self
+                .settings
+                .filter(|_| self.a.auto)
+                .map(|s| idle_time(&s.link)),
         };
         self.emit(Event::Start(start));
         let Some(cap) = self.a.cap else { return Ok(()) };
@@ -261,6 +267,8 @@ impl Run<'_> {
         self.emit(Event::Prediction(PredictionPair {
             without_caps: o.without_caps,
             with_caps: o.with_caps,
+            target_s: o.target_s,
+            goal_met: o.goal_met,
         }));
         for d in o.decisions {
             self.apply(d)?;
@@ -276,6 +284,11 @@ impl Run<'_> {
                 let new = !self.thr.active().iter().any(|c| c.pid == id.pid);
                 match self.thr.cap(id, &d.comm, cap_pct) {
                     Ok(CapOutcome::Capped) if new => {
+                        // Reported every interval from now on, active or not: the policy
+                        // needs its rate under the cap.
+                        if let Some(s) = self.sampler.as_mut() {
+                            s.watch(id);
+                        }
                         self.report(id, &d.comm, cap_pct, CapOutcome::Capped)
                     }
                     Ok(CapOutcome::Capped) => {}
@@ -293,6 +306,9 @@ impl Run<'_> {
                 true
             }
             Action::Lift => {
+                if let Some(s) = self.sampler.as_mut() {
+                    s.unwatch(id);
+                }
                 if let Some(undone) = self.thr.lift(&id)? {
                     let u = Undo {
                         pid: d.pid,
@@ -321,7 +337,9 @@ impl Run<'_> {
         let mut lines = Vec::new();
         for c in self.thr.active() {
             let id = ProcId::new(c.pid, c.start_time);
-            let alive = procfs::stat(c.pid).is_some_and(|s| s.id == id);
+            // Gone only when (pid, start time) surely no longer exists: a /proc read error
+            // keeps the cap (and its line).
+            let alive = procfs::exists(id) != Some(false);
             if alive && !self.thr.in_force(&id) {
                 // Someone else moved it out of its cap cgroup: the cap no longer applies.
                 if let Some(undone) = self.thr.lift(&id)? {
@@ -343,6 +361,9 @@ impl Run<'_> {
                 continue;
             }
             if !alive {
+                if let Some(s) = self.sampler.as_mut() {
+                    s.unwatch(id);
+                }
                 if let Some(u) = self.thr.lift(&id)? {
                     let g = Gone {
                         pid: c.pid,

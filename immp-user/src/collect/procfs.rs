@@ -140,6 +140,39 @@ pub fn anon_huge_bytes(pid: u32) -> u64 {
     kb_field(&format!("/proc/{pid}/smaps_rollup"), "AnonHugePages:").unwrap_or(0)
 }
 
+/// Memory in use, bytes (MemTotal - MemFree): what an idle migration's round 0 sends (pages
+/// never touched are zero pages, which cost QEMU almost nothing to send). Freed pages that
+/// were written once are not zero and are sent too: on a long-running guest this is a lower
+/// bound (`--ram` sets it).
+pub fn mem_used() -> f64 {
+    let total = kb_field("/proc/meminfo", "MemTotal:");
+    let free = kb_field("/proc/meminfo", "MemFree:");
+    match (total, free) {
+        (Some(t), Some(f)) => t.saturating_sub(f) as f64,
+        _ => mem_total(),
+    }
+}
+
+/// Whether (pid, start time) exists: `Some(false)` only when it surely does not (no such pid,
+/// or another process has it), `None` when /proc could not tell (a read error is not an exit).
+pub fn exists(id: ProcId) -> Option<bool> {
+    // SAFETY: pidfd_open(2) with no flags; the fd is closed right below.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, id.pid as libc::c_int, 0) };
+    if fd < 0 {
+        let esrch = std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        return if esrch { Some(false) } else { None };
+    }
+    // SAFETY: closing the fd opened above.
+    unsafe { libc::close(fd as i32) };
+    for _ in 0..3 {
+        if let Some(s) = stat(id.pid) {
+            return Some(s.id == id);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    None
+}
+
 /// This machine's RAM, bytes (inside a guest: the RAM that migration sends).
 pub fn mem_total() -> f64 {
     kb_field("/proc/meminfo", "MemTotal:").map_or(1e9, |b| b as f64)

@@ -159,6 +159,8 @@ struct Reads {
     /// Soft-dirty window boundaries taken this interval (pid -> counters at the re-arm).
     boundary: HashMap<u32, Counters>,
     verify_sd: Option<(u32, u64)>,
+    /// Processes /proc could not be read for (not counted as exits).
+    read_errors: u64,
 }
 
 impl Sampler {
@@ -342,10 +344,13 @@ impl<C: CounterSource, P: ProcSource> Sampler<C, P> {
             .map(|(pid, d)| (*pid, d.c.write_new + d.c.write_protect))
             .collect();
         let mut processes = self.join_proc(&mut reads, dt);
-        self.add_watched(&mut processes, dt);
+        self.add_watched(&mut processes, dt, &mut reads);
         self.forget_departed(&processes);
         let totals = self.totals(&processes, &reads.unseen_exit, dt);
-        let health = self.health(tracked);
+        let health = Health {
+            proc_read_errors: reads.read_errors,
+            ..self.health(tracked)
+        };
         let exact_armed = self.exact.armed.len();
         let verify = reads.verify_sd.map(|(pid, sd)| Verify {
             pid,
@@ -490,10 +495,10 @@ impl<C: CounterSource, P: ProcSource> Sampler<C, P> {
                 }
                 self.live_sample(&st, &d, dt)
             } else {
-                // Exited after we read the map: its exit event comes next interval; count this
-                // part now, as gone.
+                // Exited after we read the map (its exit event comes next interval: count this
+                // part now, as gone), or /proc could not be read.
                 match self.prev.get(&pid).and_then(|p| p.id) {
-                    Some(id) => self.gone_sample(id, &d, dt),
+                    Some(id) => self.unread_sample(id, &d, dt, r),
                     None => {
                         r.unseen_exit.add(&d);
                         continue;
@@ -506,17 +511,47 @@ impl<C: CounterSource, P: ProcSource> Sampler<C, P> {
     }
 
     /// Watched processes are always reported.
-    fn add_watched(&mut self, processes: &mut Vec<ProcSample>, dt: f64) {
+    fn add_watched(&mut self, processes: &mut Vec<ProcSample>, dt: f64, r: &mut Reads) {
         for id in self.watch.clone() {
             if processes.iter().any(|p| p.id() == id) {
                 continue;
             }
             let sample = match self.procs.stat(id.pid).filter(|s| s.id == id) {
                 Some(st) => self.live_sample(&st, &Delta::default(), dt),
-                None => self.gone_sample(id, &Delta::default(), dt),
+                None => self.unread_sample(id, &Delta::default(), dt, r),
             };
             processes.push(sample);
         }
+    }
+
+    /// A process /proc did not show: gone only when (pid, start time) surely no longer
+    /// exists; a read error is retried, counted in `health.proc_read_errors`, and the process
+    /// reported as live (its name as last seen, no CPU or RSS this interval).
+    fn unread_sample(&mut self, id: ProcId, d: &Delta, dt: f64, r: &mut Reads) -> ProcSample {
+        if let Some(st) = self.procs.stat(id.pid).filter(|s| s.id == id) {
+            return self.live_sample(&st, d, dt);
+        }
+        match self.procs.exists(id) {
+            Some(false) => self.gone_sample(id, d, dt),
+            _ => {
+                r.read_errors += 1;
+                ProcSample {
+                    gone: false,
+                    ..self.gone_sample(id, d, dt)
+                }
+            }
+        }
+    }
+
+    /// Starts reporting `id` every interval (e.g. once it is capped).
+    pub fn watch(&mut self, id: ProcId) {
+        if !self.watch.contains(&id) {
+            self.watch.push(id);
+        }
+    }
+
+    pub fn unwatch(&mut self, id: ProcId) {
+        self.watch.retain(|w| *w != id);
     }
 
     /// Forget CPU baselines and names of processes no longer around.
@@ -558,6 +593,7 @@ impl<C: CounterSource, P: ProcSource> Sampler<C, P> {
             map_full: ks.map_full - self.last_stats.map_full,
             exit_lost: ks.exit_lost - self.last_stats.exit_lost,
             kernel: ks,
+            proc_read_errors: 0,
         };
         self.last_stats = ks;
         h
@@ -728,14 +764,19 @@ mod tests {
         }
     }
 
-    /// /proc, scripted: pid -> start time.
+    /// /proc, scripted: pid -> start time; `unreadable` fails the next reads of stat.
     #[derive(Default)]
     struct FakeProcs {
         procs: RefCell<BTreeMap<u32, u64>>,
+        unreadable: RefCell<u32>,
     }
 
     impl ProcSource for FakeProcs {
         fn stat(&self, pid: u32) -> Option<ProcStat> {
+            if *self.unreadable.borrow() > 0 {
+                *self.unreadable.borrow_mut() -= 1;
+                return None;
+            }
             let st = *self.procs.borrow().get(&pid)?;
             Some(ProcStat {
                 id: ProcId::new(pid, st),
@@ -775,6 +816,12 @@ mod tests {
         }
         fn soft_dirty_supported(&self) -> Result<bool, String> {
             Ok(false)
+        }
+        fn exists(&self, id: ProcId) -> Option<bool> {
+            if *self.unreadable.borrow() > 0 {
+                return None;
+            }
+            Some(self.procs.borrow().get(&id.pid) == Some(&id.start_time))
         }
     }
 
@@ -882,6 +929,23 @@ mod tests {
             (total - 74.0).abs() < 1e-6,
             "both count in the total: {total}"
         );
+    }
+
+    #[test]
+    fn a_process_whose_proc_files_cannot_be_read_is_not_gone() {
+        let p = FakeProcs::default();
+        p.procs.borrow_mut().insert(3, 5);
+        let id = ProcId::new(3, 5);
+        let mut s = sampler(FakeCounters::default(), p, vec![id]);
+        s.sample();
+        *s.procs.unreadable.borrow_mut() = 10; // every read fails this interval
+        let snap = s.sample();
+        assert!(!row(&snap, id).gone, "a read error is not an exit");
+        assert_eq!(snap.health.proc_read_errors, 1);
+        *s.procs.unreadable.borrow_mut() = 1; // fails once, then reads fine: retried
+        let snap = s.sample();
+        assert!(!row(&snap, id).gone);
+        assert_eq!(snap.health.proc_read_errors, 0, "the retry read it");
     }
 
     #[test]

@@ -45,6 +45,8 @@ pub trait ProcSource {
     fn count_soft_dirty(&self, pid: u32) -> Result<u64, String>;
     /// Whether soft-dirty works here (tested by effect).
     fn soft_dirty_supported(&self) -> Result<bool, String>;
+    /// Whether (pid, start time) exists: `None` when it cannot be told (a read error).
+    fn exists(&self, id: ProcId) -> Option<bool>;
     /// Holds the process still until the guard drops (`--verify` window boundaries).
     fn freeze(&self, _id: ProcId) -> Frozen {
         Frozen::none()
@@ -88,6 +90,9 @@ impl ProcSource for LiveProcs {
     }
     fn soft_dirty_supported(&self) -> Result<bool, String> {
         super::softdirty::supported()
+    }
+    fn exists(&self, id: ProcId) -> Option<bool> {
+        super::procfs::exists(id)
     }
     fn freeze(&self, id: ProcId) -> Frozen {
         Frozen::stop(id.pid, id.start_time)
