@@ -317,6 +317,8 @@ fn desired_caps(
         .writers
         .iter()
         .filter(|(_, w, _)| w.rate >= s.immp_share * s.link.bandwidth)
+        // A cap at or above the CPU a process uses changes nothing.
+        .filter(|(_, w, _)| w.cpu_pct > s.floor_pct)
         .collect();
     blamed.sort_by(|a, b| b.1.rate.total_cmp(&a.1.rate));
     if pl.meets(&pl.eval(&desired, None)) {

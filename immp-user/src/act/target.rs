@@ -56,7 +56,7 @@ pub fn validate_target(pid: u32) -> anyhow::Result<(ProcId, String)> {
     }
     if let Some(cg) = procfs::immp_cgroup(pid) {
         return Err(usage(format!(
-            "PID {pid} ({name}) is already capped by another immp (it is in {cg}); stop that one first"
+            "PID {pid} ({name}) is already capped: it is in immp's cap cgroup {cg} (its own, or its parent's); lift that cap first"
         )));
     }
     if let Some(h) = claim::holder(st.id).filter(|h| h.pid != std::process::id()) {

@@ -89,6 +89,8 @@ struct Run<'a> {
     cpu: CpuMeter,
     /// Processes already reported as held by their own cgroup's limit.
     held: BTreeSet<ProcId>,
+    /// Processes --auto may not cap (already said why).
+    skipped: BTreeSet<ProcId>,
 }
 
 pub fn run(a: ThrottleArgs) -> anyhow::Result<i32> {
@@ -116,6 +118,7 @@ pub fn run(a: ThrottleArgs) -> anyhow::Result<i32> {
         policy: PolicyState::default(),
         cpu: CpuMeter::default(),
         held: BTreeSet::new(),
+        skipped: BTreeSet::new(),
     };
     run.start(&targets)?;
     let res = if stop_requested().is_some() {
@@ -282,6 +285,16 @@ impl Run<'_> {
         let changed = match d.action {
             Action::Cap { cap_pct } => {
                 let new = !self.thr.active().iter().any(|c| c.pid == id.pid);
+                // The same refusals as for --pid (PID 1, kernel threads, immp itself, a thread,
+                // a process another immp caps or that lives in a cap cgroup with its parent):
+                // said once, never capped.
+                if new && let Err(e) = validate_target(id.pid) {
+                    if self.skipped.insert(id) {
+                        let message = format!("PID {} not capped: {e:#}", id.pid);
+                        self.emit(Event::Warning(Warning { message }));
+                    }
+                    return Ok(());
+                }
                 match self.thr.cap(id, &d.comm, cap_pct) {
                     Ok(CapOutcome::Capped) if new => {
                         // Reported every interval from now on, active or not: the policy
