@@ -12,6 +12,7 @@ pub mod profile;
 pub mod restore;
 pub mod run;
 pub mod throttle;
+pub mod top;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -42,6 +43,9 @@ pub enum Command {
     /// Put back every process a crashed or killed immp left capped (reads only the journal)
     #[command(after_help = restore::HELP)]
     Restore(restore::RestoreArgs),
+    /// The live screen: what dirties memory, whether migration converges, caps and keys to act
+    #[command(after_help = top::HELP)]
+    Top(top::TopArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
@@ -50,5 +54,6 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Doctor(a) => doctor::run(a),
         Command::Throttle(a) => throttle::run(a),
         Command::Restore(a) => restore::run(a),
+        Command::Top(a) => top::run(a),
     }
 }
