@@ -19,6 +19,11 @@ pub struct Counters {
     pub write_protect: u64,
     /// Read (and instruction fetch) faults: not dirtying, reported for context.
     pub read: u64,
+    /// Write-protect faults on a page this process already dirtied in the current window (the window
+    /// number is `WINDOW[0]`, advanced by the agent every sample): fork churn write-protects
+    /// the same few pages again after every fork, and the hypervisor resends a page at most once
+    /// per round, so these are not dirty pages. Reported, not counted as dirtying.
+    pub write_repeat: u64,
     /// Page-cache pages this process marked dirty (`writeback_dirty_folio`), counted in base
     /// pages (a large folio counts all its pages).
     pub pagecache_pages: u64,
@@ -60,6 +65,23 @@ pub mod maps {
     pub const COUNTERS: &str = "COUNTERS";
     pub const EXITS: &str = "EXITS";
     pub const STATS: &str = "STATS";
+    /// LRU set of (tgid, page) written in the current window -> window number.
+    pub const SEEN: &str = "SEEN";
+    /// One u32: the current window number.
+    pub const WINDOW: &str = "WINDOW";
+    /// Capacity of `SEEN`: when it overflows, the least recently written pages are forgotten
+    /// and may count again (an over-count, never an under-count).
+    pub const SEEN_CAPACITY: u32 = 1 << 16;
+}
+
+/// Key of `maps::SEEN`: one virtual page of one process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PageKey {
+    pub tgid: u32,
+    pub _pad: u32,
+    /// Virtual address >> 12.
+    pub page: u64,
 }
 
 /// Global variables the loader overrides at load time.
@@ -100,4 +122,5 @@ mod pod {
     unsafe impl aya::Pod for super::Counters {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::ExitEvent {}
+    unsafe impl aya::Pod for super::PageKey {}
 }

@@ -17,10 +17,10 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_boot_ns, bpf_probe_read_kernel},
     macros::{btf_tracepoint, map, tracepoint},
-    maps::{Array, HashMap, RingBuf},
+    maps::{Array, HashMap, LruHashMap, RingBuf},
     programs::{BtfTracePointContext, TracePointContext},
 };
-use immp_common::{Counters, ExitEvent, fault, stats};
+use immp_common::{Counters, ExitEvent, PageKey, fault, maps::SEEN_CAPACITY, stats};
 
 /// Default capacity; the loader overrides it (`--max-procs`).
 #[map]
@@ -31,6 +31,12 @@ static EXITS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
 #[map]
 static STATS: Array<u64> = Array::with_max_entries(stats::LEN, 0);
+
+#[map]
+static SEEN: LruHashMap<PageKey, u32> = LruHashMap::with_max_entries(SEEN_CAPACITY, 0);
+
+#[map]
+static WINDOW: Array<u32> = Array::with_max_entries(1, 0);
 
 #[unsafe(no_mangle)]
 static FOLIO_NR_PAGES_OFFSET: Global<u32> = Global::new(0);
@@ -75,6 +81,20 @@ fn counters(tgid: u32) -> Option<*mut Counters> {
     p
 }
 
+/// Whether this process already wrote this page in the current window (then the fault is not
+/// a newly dirtied page); marks it written otherwise.
+#[inline(always)]
+fn repeat(tgid: u32, address: u64) -> bool {
+    let window = WINDOW.get(0).copied().unwrap_or(0);
+    let key = PageKey { tgid, _pad: 0, page: address >> 12 };
+    // SAFETY: the value is copied out at once; a concurrent update only makes it stale.
+    if unsafe { SEEN.get(&key) }.is_some_and(|w| *w == window) {
+        return true;
+    }
+    let _ = SEEN.insert(&key, &window, 0);
+    false
+}
+
 #[inline(always)]
 fn on_fault(address: u64, error_code: u64) {
     if address >= fault::USER_ADDR_LIMIT {
@@ -86,8 +106,15 @@ fn on_fault(address: u64, error_code: u64) {
     // SAFETY: `c` is a live map value; we only take field addresses.
     unsafe {
         if error_code & fault::WRITE != 0 {
+            // Only write-protect faults repeat on one page within a window (copy-on-write after
+            // every fork of a shell loop); a not-present fault is a page's first touch, and
+            // first-touch storms stay one map update cheaper.
             if error_code & fault::PRESENT != 0 {
-                add(&raw mut (*c).write_protect, 1);
+                if repeat(tgid, address) {
+                    add(&raw mut (*c).write_repeat, 1);
+                } else {
+                    add(&raw mut (*c).write_protect, 1);
+                }
             } else {
                 add(&raw mut (*c).write_new, 1);
             }

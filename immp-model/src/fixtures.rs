@@ -20,6 +20,7 @@ pub fn proc_(pid: u32, dirty_pages: f64, cpu: f64) -> ProcSample {
         cgroup: "/".into(),
         gone: false,
         exact: false,
+        clamped: false,
         curve: Vec::new(),
     }
 }

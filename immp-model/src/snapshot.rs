@@ -82,7 +82,10 @@ pub struct Rates {
     pub write_protect: f64,
     pub read: f64,
     pub pagecache: f64,
-    /// Pages dirtied per second (write faults + page-cache pages, overlap removed).
+    /// Write faults on pages it had already dirtied in the window (fork churn): not counted.
+    pub write_repeat: f64,
+    /// Pages dirtied per second (write faults + page-cache pages, overlap removed), at most
+    /// the pages it has (`clamped` says when that bound applied).
     pub dirty: f64,
 }
 
@@ -104,6 +107,10 @@ pub struct ProcSample {
     /// Soft-dirty was armed for it during this window: `dirty` is the exact number of distinct
     /// pages it wrote (else a lower bound).
     pub exact: bool,
+    /// Its fault count exceeded the pages it has (resident set) and was cut to them: a process
+    /// cannot dirty more distinct pages than exist (left-over repeats the kernel could not tell).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub clamped: bool,
     /// Distinct pages dirtied per window length (`profile --curve`), shortest window first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub curve: Vec<CurvePoint>,

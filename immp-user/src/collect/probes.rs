@@ -104,6 +104,9 @@ pub struct Probes {
     counters: HashMap<MapData, u32, Counters>,
     exits: RingBuf<MapData>,
     stats: Array<MapData, u64>,
+    /// The current window number (repeat faults within one window are not new dirty pages).
+    window: Array<MapData, u32>,
+    window_no: u32,
     pub report: ProbeReport,
 }
 
@@ -228,13 +231,22 @@ impl Probes {
         let counters = HashMap::try_from(take(&mut ebpf, maps::COUNTERS)?)?;
         let exits = RingBuf::try_from(take(&mut ebpf, maps::EXITS)?)?;
         let stats = Array::try_from(take(&mut ebpf, maps::STATS)?)?;
+        let window = Array::try_from(take(&mut ebpf, maps::WINDOW)?)?;
         Ok(Self {
             _ebpf: ebpf,
             counters,
             exits,
             stats,
+            window,
+            window_no: 0,
             report,
         })
+    }
+
+    /// Starts a new window: a page written again from now on is a newly dirtied page again.
+    pub fn next_window(&mut self) {
+        self.window_no = self.window_no.wrapping_add(1);
+        let _ = self.window.set(0, self.window_no, 0);
     }
 
     /// All live entries. Entries deleted while we iterate are skipped, not errors.
@@ -295,6 +307,9 @@ impl super::source::CounterSource for Probes {
     }
     fn fallback_reason(&self) -> Option<String> {
         self.report.fallback_reason.clone()
+    }
+    fn next_window(&mut self) {
+        Probes::next_window(self)
     }
 }
 

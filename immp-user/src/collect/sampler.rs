@@ -122,6 +122,7 @@ impl Delta {
                 write_new: now.write_new.saturating_sub(b.write_new),
                 write_protect: now.write_protect.saturating_sub(b.write_protect),
                 read: now.read.saturating_sub(b.read),
+                write_repeat: now.write_repeat.saturating_sub(b.write_repeat),
                 pagecache_pages: now.pagecache_pages.saturating_sub(b.pagecache_pages),
                 pagecache_in_fault: now.pagecache_in_fault.saturating_sub(b.pagecache_in_fault),
                 first_ns: now.first_ns,
@@ -134,6 +135,7 @@ impl Delta {
         self.c.write_new += o.c.write_new;
         self.c.write_protect += o.c.write_protect;
         self.c.read += o.c.read;
+        self.c.write_repeat += o.c.write_repeat;
         self.c.pagecache_pages += o.c.pagecache_pages;
         self.c.pagecache_in_fault += o.c.pagecache_in_fault;
     }
@@ -233,6 +235,7 @@ impl<C: CounterSource, P: ProcSource> Sampler<C, P> {
             );
         }
         self.counters.drain_exits();
+        self.counters.next_window();
         self.last_stats = self.counters.kernel_stats();
         // Watched processes are named now: one that exits before its first sample still has
         // its name in the output.
@@ -360,6 +363,7 @@ impl<C: CounterSource, P: ProcSource> Sampler<C, P> {
         if self.exact.on {
             self.mark_exact_and_rearm(&mut processes, &reads.boundary);
         }
+        self.counters.next_window();
         Snapshot {
             seq: self.seq,
             exact_armed,
@@ -631,6 +635,7 @@ impl<C: CounterSource, P: ProcSource> Sampler<C, P> {
             write_protect: c.write_protect as f64 / dt,
             read: c.read as f64 / dt,
             pagecache: c.pagecache_pages as f64 / dt,
+            write_repeat: c.write_repeat as f64 / dt,
             dirty: c.dirty_pages() as f64 / dt,
         };
         (r, r.dirty * self.page_size as f64)
@@ -653,12 +658,27 @@ impl<C: CounterSource, P: ProcSource> Sampler<C, P> {
                 st.cpu_ticks as f64 / self.tps / age.max(0.01) * 100.0
             }
         };
-        ProcSample {
+        let mut p = ProcSample {
             cpu_pct,
             rss_bytes: st.rss_bytes,
             cgroup: self.procs.cpu_cgroup(id.pid),
             gone: false,
             ..self.gone_sample(id, d, dt)
+        };
+        self.clamp_to_resident(&mut p, dt);
+        p
+    }
+
+    /// A process cannot re-dirty more distinct pages it already has in a window than it has:
+    /// write-protect faults the kernel's dedup missed (its page set overflowed) are cut to the
+    /// resident set, and flagged. (First touches and page-cache pages are other pages.)
+    fn clamp_to_resident(&self, p: &mut ProcSample, dt: f64) {
+        let resident = p.rss_bytes as f64 / self.page_size as f64;
+        let wp = p.rates.write_protect * dt;
+        if resident > 0.0 && wp > resident {
+            p.rates.dirty -= (wp - resident) / dt;
+            p.dirty_bytes_per_s = p.rates.dirty * self.page_size as f64;
+            p.clamped = true;
         }
     }
 
@@ -682,6 +702,7 @@ impl<C: CounterSource, P: ProcSource> Sampler<C, P> {
             cgroup: String::new(),
             gone: true,
             exact: false,
+            clamped: false,
             curve: Vec::new(),
         }
     }

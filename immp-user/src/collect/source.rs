@@ -20,6 +20,8 @@ pub trait CounterSource {
     fn folio_pages_known(&self) -> bool;
     /// Capacity of the per-process table.
     fn capacity(&self) -> u32;
+    /// Starts a new window for the kernel's per-window dedup of repeated write faults.
+    fn next_window(&mut self) {}
     /// Why the preferred probes were not used, if they were not.
     fn fallback_reason(&self) -> Option<String> {
         None
