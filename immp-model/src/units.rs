@@ -47,8 +47,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, UnitError> {
         "h" => n * 3600.0,
         _ => return Err(err()),
     };
+    // Bounded so that every duration can be added to a clock reading (a deadline).
+    if secs > MAX_DURATION_S {
+        return Err(UnitError::Range(s.to_string(), "at most 366 days"));
+    }
     Duration::try_from_secs_f64(secs).map_err(|_| err())
 }
+
+/// The longest duration accepted: a year (and a day).
+pub const MAX_DURATION_S: f64 = 366.0 * 86400.0;
 
 /// A duration that must be above zero (intervals, windows).
 pub fn parse_positive_duration(s: &str) -> Result<Duration, UnitError> {
@@ -92,6 +99,9 @@ pub fn parse_bandwidth(s: &str) -> Result<f64, UnitError> {
         "B" => n * mult,
         _ => return Err(err()),
     };
+    if !bytes.is_finite() {
+        return Err(err());
+    }
     if bytes <= 0.0 {
         return Err(UnitError::Zero("the bandwidth"));
     }
@@ -125,7 +135,7 @@ pub fn parse_bytes(s: &str) -> Result<f64, UnitError> {
         "GiB" => 1073741824.0,
         _ => return Err(err()),
     };
-    if n <= 0.0 {
+    if n <= 0.0 || !(n * mult).is_finite() {
         return Err(err());
     }
     Ok(n * mult)
@@ -210,6 +220,13 @@ mod tests {
         assert!(parse_duration("banana").is_err());
         assert!(parse_duration("2 parsecs").is_err());
         assert!(parse_duration("-1s").is_err());
+        assert!(
+            parse_duration("4000000000000000h").is_err(),
+            "not a deadline"
+        );
+        assert!(parse_duration("366d").is_err());
+        assert!(parse_bandwidth(&format!("{}GiB/s", "9".repeat(400))).is_err());
+        assert!(parse_bytes(&format!("{}GiB", "9".repeat(400))).is_err());
         assert_eq!(
             parse_positive_duration("0").unwrap_err(),
             UnitError::Zero("the duration")

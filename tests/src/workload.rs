@@ -22,6 +22,9 @@
 //!   idle                 forever: touch one fresh page per second
 //!   fault-bench N REPS   map N pages, touch all, unmap, REPS times; prints ns per fault
 //!   mixed MIB REPS       fill MIB of fresh memory with a PRNG and sort it, REPS times; prints ms
+//!   threaded             forever: like idle, with a second thread (its TID is not the PID)
+//!   rename NAME MODE ... set the process name (comm, via prctl PR_SET_NAME; any bytes, e.g.
+//!                        control characters) to NAME, then run MODE
 use std::{
     io::{BufRead, Write},
     ptr,
@@ -80,7 +83,18 @@ fn arg(args: &[String], i: usize) -> usize {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    while args.first().map(String::as_str) == Some("rename") {
+        let name = args.get(1).unwrap_or_else(|| {
+            eprintln!("immp-workload: rename needs a NAME");
+            std::process::exit(2)
+        });
+        let c = std::ffi::CString::new(name.as_str()).expect("a name without NUL");
+        // SAFETY: PR_SET_NAME reads a NUL-terminated string (cut to 15 bytes by the kernel).
+        let r = unsafe { libc::prctl(libc::PR_SET_NAME, c.as_ptr() as libc::c_ulong, 0, 0, 0) };
+        assert_eq!(r, 0, "prctl(PR_SET_NAME)");
+        args.drain(..2);
+    }
     let mode = args.first().map(String::as_str).unwrap_or("");
     let pg = page();
     match mode {
@@ -276,6 +290,21 @@ fn main() {
             }
         }
         "idle" => {
+            say("ready");
+            loop {
+                touch(map_anon(1), 1, 1);
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+        }
+        "threaded" => {
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                tx.send(()).expect("main waits");
+                loop {
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                }
+            });
+            rx.recv().expect("second thread started");
             say("ready");
             loop {
                 touch(map_anon(1), 1, 1);

@@ -4,12 +4,13 @@
 mod common;
 
 use std::{
-    collections::HashMap,
+    io::{BufRead, BufReader, Read},
     process::{Command, Stdio},
-    time::Duration,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
-use common::{Workload, immp_bin};
+use common::{CpuHierarchy, Workload, cpu_cgroup, cpu_ns, immp_bin, wait_until};
 use immp::{
     act::{mechanism::MechanismChoice, throttle::Throttler},
     collect::{
@@ -35,9 +36,10 @@ fn rate_over(s: &mut Sampler, id: ProcId, d: Duration) -> (f64, f64) {
 }
 
 #[test]
-fn dirty_rate_scales_with_the_cpu_cap() {
+fn dirty_rate_falls_with_the_cpu_cap_and_the_cap_holds() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let w = Workload::start(&["writer", "256"]);
+    let before = cpu_cgroup(w.pid());
     let id = immp::collect::procfs::stat(w.pid()).unwrap().id;
     let mut s = Sampler::new(Probes::load(&ProbeOptions::default()).unwrap(), vec![id]);
     let dir = common::scratch("journals").join("scales");
@@ -45,6 +47,10 @@ fn dirty_rate_scales_with_the_cpu_cap() {
     let (mut t, _) = Throttler::open(&dir, MechanismChoice::Auto).unwrap();
     let (free, free_cpu) = rate_over(&mut s, id, Duration::from_secs(2));
     assert!(free_cpu > 80.0, "writer is CPU-bound: {free_cpu:.0}%");
+    // The rate under a cap is measured, not modelled: it must fall with the cap (the policy
+    // learns by how much; proportionality is not assumed, and on this machine a 25 % cap
+    // leaves 0.7-0.75 of the proportional rate).
+    let mut last = free;
     for cap in [50.0, 25.0] {
         assert_eq!(
             t.cap(id, "writer", cap).unwrap(),
@@ -52,15 +58,21 @@ fn dirty_rate_scales_with_the_cpu_cap() {
         );
         std::thread::sleep(Duration::from_millis(300));
         let (r, cpu) = rate_over(&mut s, id, Duration::from_secs(2));
-        let expected = free * cap / free_cpu;
+        let proportional = free * cap / free_cpu;
+        eprintln!(
+            "cap {cap}%: {r:.0} B/s = {:.2} x proportional",
+            r / proportional
+        );
         assert!((cpu - cap).abs() < 5.0, "cpu {cpu:.1}% under a {cap}% cap");
         assert!(
-            (r / expected - 1.0).abs() < 0.25,
-            "cap {cap}%: dirty {r:.0} B/s, proportional model says {expected:.0} (uncapped {free:.0} at {free_cpu:.0}%)"
+            r < last * 0.9,
+            "cap {cap}%: dirty {r:.0} B/s, not below {last:.0}"
         );
+        assert!(r > 0.0, "a capped writer still writes");
+        last = r;
     }
     drop(t); // lifts
-    assert_eq!(immp::collect::procfs::cpu_cgroup(w.pid()), "/");
+    assert_eq!(cpu_cgroup(w.pid()), before);
 }
 
 #[test]
@@ -70,9 +82,10 @@ fn auto_caps_a_real_writer_and_leaves_an_idle_process_alone() {
     // of machine, with a working set that a 512 MB guest cannot resend in one downtime.
     let writer = Workload::start(&["ring", "16384", "30000"]);
     let idle = Workload::start(&["idle"]);
+    let (writer_before, idle_before) = (cpu_cgroup(writer.pid()), cpu_cgroup(idle.pid()));
     let dir = common::scratch("journals").join("auto");
     let _ = std::fs::remove_dir_all(&dir);
-    let o = Command::new(immp_bin())
+    let mut c = Command::new(immp_bin())
         .args([
             "throttle",
             "--auto",
@@ -83,19 +96,65 @@ fn auto_caps_a_real_writer_and_leaves_an_idle_process_alone() {
             "--floor",
             "15%",
             "--duration",
-            "5s",
+            "12s",
             "--format",
             "json",
         ])
         .env("IMMP_JOURNAL_DIR", &dir)
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
-    let text = String::from_utf8_lossy(&o.stdout);
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    let reader = {
+        let (lines, out) = (lines.clone(), c.stdout.take().unwrap());
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(l);
+            }
+        })
+    };
+    let err = {
+        let mut e = c.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = e.read_to_string(&mut s);
+            s
+        })
+    };
+    let pid = writer.pid();
+    wait_until("writer capped", Duration::from_secs(30), || {
+        cpu_cgroup(pid).contains("immp-")
+    });
+    // The CPU it really gets, from schedstat, over a window in which the cap in force (read
+    // from its cgroup) did not change: the policy may still tighten or loosen it.
+    let h = CpuHierarchy::detect();
+    let mut measured = None;
+    while measured.is_none() && c.try_wait().unwrap().is_none() {
+        std::thread::sleep(Duration::from_millis(300)); // one more period to settle
+        let cg = cpu_cgroup(pid);
+        if !cg.contains("immp-") {
+            continue;
+        }
+        let (lim0, t0, c0) = (h.limit(&cg), Instant::now(), cpu_ns(pid));
+        std::thread::sleep(Duration::from_secs(2));
+        let (c1, el) = (cpu_ns(pid), t0.elapsed().as_secs_f64());
+        if cpu_cgroup(pid) == cg && h.limit(&cg) == lim0 {
+            let (quota, period) = lim0;
+            let cap = quota.expect("a quota on the cap cgroup") as f64 / period as f64 * 100.0;
+            measured = Some(((c1 - c0) as f64 / 1e9 / el * 100.0, cap));
+        }
+    }
+    let (share, cap_in_force) = measured.expect("a 2 s window under an unchanged cap");
+    eprintln!("capped writer: {share:.1}% of a CPU under a {cap_in_force:.1}% cap (schedstat)");
+    let o = c.wait().unwrap();
+    reader.join().unwrap();
+    let text = lines.lock().unwrap().join("\n");
+    assert!(o.success(), "{}\n{text}", err.join().unwrap());
     assert!(
-        o.status.success(),
-        "{}\n{text}",
-        String::from_utf8_lossy(&o.stderr)
+        (share - cap_in_force).abs() <= 5.0,
+        "capped writer ran at {share:.1}% under a {cap_in_force:.1}% cap"
     );
     let events: Vec<serde_json::Value> = text
         .lines()
@@ -107,7 +166,7 @@ fn auto_caps_a_real_writer_and_leaves_an_idle_process_alone() {
             .filter(|e| e["event"] == ev && e["pid"] == pid)
             .collect()
     };
-    let caps = by_pid(writer.pid(), "decision");
+    let caps = by_pid(pid, "decision");
     assert!(!caps.is_empty(), "writer was not capped:\n{text}");
     let first = caps[0];
     assert_eq!(first["action"], "cap");
@@ -121,25 +180,52 @@ fn auto_caps_a_real_writer_and_leaves_an_idle_process_alone() {
         "explained: {first}"
     );
     assert!(
+        caps.iter()
+            .filter_map(|d| d["cap_pct"].as_f64())
+            .any(|c| (c - cap_in_force).abs() < 0.1),
+        "the cap in force ({cap_in_force:.2}%) is one immp decided:\n{text}"
+    );
+    assert!(
         by_pid(idle.pid(), "decision").is_empty(),
         "idle process left alone:\n{text}"
     );
     assert!(events.iter().any(|e| e["event"] == "prediction"));
-    // While capped, the live lines show it near its cap.
-    let cpus: HashMap<u64, f64> = events
+    // The live lines, per interval (the time is the interval's, not the process's): where three
+    // intervals in a row show the writer under the same cap, the last of them ran under that
+    // cap from start to end (a change takes effect a moment after the sample that decides it),
+    // and the CPU its line shows is near the cap.
+    let live: Vec<(u64, Option<f64>, Option<f64>)> = events
         .iter()
         .filter(|e| e["event"] == "interval")
-        .flat_map(|e| e["processes"].as_array().unwrap().iter())
-        .filter(|p| p["pid"] == writer.pid())
-        .filter_map(|p| {
-            Some((
-                p["time_unix_ms"].as_u64().unwrap_or(0),
-                p["cpu_pct"].as_f64()?,
-            ))
+        .map(|e| {
+            let t = e["time_unix_ms"].as_u64().expect("interval time_unix_ms");
+            let me = e["processes"]
+                .as_array()
+                .expect("interval processes")
+                .iter()
+                .find(|p| p["pid"] == pid);
+            let cap = me.map(|p| p["cap_pct"].as_f64().expect("cap_pct of a capped process"));
+            (t, cap, me.and_then(|p| p["cpu_pct"].as_f64()))
         })
         .collect();
-    assert!(!cpus.is_empty());
-    // Every cap lifted at the end.
-    assert!(!by_pid(writer.pid(), "lifted").is_empty(), "{text}");
-    assert_eq!(immp::collect::procfs::cpu_cgroup(writer.pid()), "/");
+    let steady: Vec<(u64, f64, f64)> = live
+        .windows(3)
+        .filter(|w| w[0].1.is_some() && w[0].1 == w[1].1 && w[1].1 == w[2].1)
+        .filter_map(|w| Some((w[2].0, w[2].1?, w[2].2?)))
+        .collect();
+    assert!(
+        !steady.is_empty(),
+        "no three intervals in a row under the same cap:\n{text}"
+    );
+    eprintln!("live lines under a steady cap (time, cap, cpu): {steady:?}");
+    for (t, cap, cpu) in &steady {
+        assert!(
+            (cpu - cap).abs() <= 5.0,
+            "interval at {t}: live line shows {cpu:.1}% under a {cap:.1}% cap"
+        );
+    }
+    // Every cap lifted at the end, back where it was.
+    assert!(!by_pid(pid, "lifted").is_empty(), "{text}");
+    assert_eq!(cpu_cgroup(pid), writer_before);
+    assert_eq!(cpu_cgroup(idle.pid()), idle_before);
 }

@@ -96,8 +96,14 @@ fn profile_json_ranks_a_real_writer_with_verdict() {
     let lines = json_lines(&o);
     assert!(lines.len() >= 3, "{} intervals", lines.len());
     for v in &lines {
-        assert_eq!(v["mode"], "bounds");
-        assert!(v["mode_note"].as_str().unwrap().contains("lower bound"));
+        // Ranking is this test's business, not the mode (exact where the kernel has soft-dirty,
+        // bounds elsewhere): either, with the note that goes with it.
+        let note = v["mode_note"].as_str().unwrap();
+        match v["mode"].as_str() {
+            Some("bounds") => assert!(note.contains("lower bound"), "{note}"),
+            Some("exact") => assert!(note.contains("exact"), "{note}"),
+            m => panic!("mode {m:?}"),
+        }
         let procs = v["processes"].as_array().unwrap();
         let rates: Vec<f64> = procs
             .iter()
@@ -201,15 +207,19 @@ fn profile_csv_and_table_formats() {
     assert!(o.status.success(), "{}", stderr(&o));
     let t = String::from_utf8_lossy(&o.stdout);
     assert!(t.starts_with("time_unix_ms,seq,mode,pid,"), "{t}");
+    // The header shows the mode: asked for bounds, so that it is the same on every kernel.
     let o = immp(&[
         "profile",
         "--duration",
         "1s",
         "--format",
         "table",
+        "--mode",
+        "bounds",
         "--bandwidth",
         "1Gbit",
     ]);
+    assert!(o.status.success(), "{}", stderr(&o));
     let t = String::from_utf8_lossy(&o.stdout);
     assert!(
         t.contains("mode: bounds (lower bound)") && t.contains("DIRTY"),
@@ -260,19 +270,59 @@ fn doctor_reports_capabilities_and_succeeds_here() {
     };
     assert_eq!(get("probes-btf")["status"], "ok");
     assert_eq!(get("probes-tracepoint")["status"], "ok");
-    // This kernel lacks soft-dirty: doctor must see through clear_refs' fake success.
+    // Soft-dirty, checked by effect here too: doctor must see through clear_refs' fake success
+    // where the kernel lacks it, and report it usable where it works.
     let sd = get("soft-dirty");
-    let kernel_has_sd =
-        std::fs::read_to_string(format!("/boot/config-{}", v["kernel"].as_str().unwrap()))
-            .map(|c| c.contains("CONFIG_MEM_SOFT_DIRTY=y"))
-            .ok();
-    if kernel_has_sd == Some(false) || v["kernel"].as_str().unwrap().starts_with("6.18") {
-        assert_eq!(sd["status"], "warn", "{sd}");
-    }
+    let works = soft_dirty_works();
+    assert_eq!(
+        sd["status"],
+        if works { "ok" } else { "warn" },
+        "this kernel's soft-dirty works: {works}; doctor says {sd}"
+    );
     assert!(
         get("cap-mechanism")["detail"]
             .as_str()
             .unwrap()
             .contains("cgroup")
     );
+}
+
+/// Whether soft-dirty works on this kernel, by effect on this test process: a page written
+/// after `clear_refs 4` has pagemap bit 55 set, and the clear clears it (where soft-dirty is
+/// compiled out, clear_refs 4 succeeds and bit 55 is never set).
+fn soft_dirty_works() -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    // SAFETY: sysconf has no preconditions.
+    let pg = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+    // SAFETY: a private anonymous page of our own, unmapped below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            pg,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    let bit55 = || {
+        let mut f = std::fs::File::open("/proc/self/pagemap").unwrap();
+        f.seek(SeekFrom::Start((p as usize / pg * 8) as u64))
+            .unwrap();
+        let mut b = [0u8; 8];
+        f.read_exact(&mut b).unwrap();
+        u64::from_le_bytes(b) >> 55 & 1 == 1
+    };
+    // SAFETY: within the page mapped above.
+    let write = |v: u8| unsafe { std::ptr::write_volatile(p.cast::<u8>(), v) };
+    write(1);
+    let fresh = bit55();
+    std::fs::write("/proc/self/clear_refs", "4").unwrap();
+    let cleared = !bit55();
+    write(2);
+    let again = bit55();
+    // SAFETY: unmapping what we mapped.
+    unsafe { libc::munmap(p, pg) };
+    fresh && cleared && again
 }

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Workload, immp_bin};
+use common::{Workload, cpu_cgroup, cpu_ns, immp_bin, kernel_thread, wait_until};
 
 fn journal_dir(name: &str) -> PathBuf {
     let d = common::scratch("journals").join(name);
@@ -33,27 +33,6 @@ fn spawn_immp(jdir: &Path, args: &[&str]) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn immp")
-}
-
-fn cpu_cgroup(pid: u32) -> String {
-    let t = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-    immp::collect::procfs::parse_cpu_cgroup(&t)
-}
-
-/// Nanoseconds on CPU (schedstat: precise, unlike clock ticks).
-fn cpu_ns(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/schedstat"))
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        assert!(t.elapsed() < timeout, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Every cgroup directory of the v1 cpu hierarchy (the tree refusals must leave as it was).
@@ -91,6 +70,7 @@ fn caps_hold_10_20_50_percent_within_2_points() {
         .iter()
         .map(|cap| {
             let w = Workload::start(&["burn"]);
+            let before = cpu_cgroup(w.pid());
             let j = journal_dir(&format!("share-{cap}"));
             let c = spawn_immp(
                 &j,
@@ -106,24 +86,24 @@ fn caps_hold_10_20_50_percent_within_2_points() {
                     "json",
                 ],
             );
-            (w, c, *cap)
+            (w, c, *cap, before)
         })
         .collect();
     // Measure in the middle of the capped period.
     // Measure only once every cap is in force (immp's start-up varies with the load), then
     // give the quotas one more period to settle.
-    for (w, _, _) in &runs {
+    for (w, _, _, _) in &runs {
         wait_until("capped", Duration::from_secs(20), || {
             cpu_cgroup(w.pid()).contains("immp-")
         });
     }
     std::thread::sleep(Duration::from_millis(300));
     let t0 = Instant::now();
-    let c0: Vec<u64> = runs.iter().map(|(w, _, _)| cpu_ns(w.pid())).collect();
+    let c0: Vec<u64> = runs.iter().map(|(w, _, _, _)| cpu_ns(w.pid())).collect();
     std::thread::sleep(Duration::from_secs(3));
     let el = t0.elapsed().as_secs_f64();
-    let c1: Vec<u64> = runs.iter().map(|(w, _, _)| cpu_ns(w.pid())).collect();
-    for (i, (w, c, cap)) in runs.into_iter().enumerate() {
+    let c1: Vec<u64> = runs.iter().map(|(w, _, _, _)| cpu_ns(w.pid())).collect();
+    for (i, (w, c, cap, before)) in runs.into_iter().enumerate() {
         let share = (c1[i] - c0[i]) as f64 / 1e9 / el * 100.0;
         assert!(
             (share - cap).abs() <= 2.0,
@@ -134,7 +114,7 @@ fn caps_hold_10_20_50_percent_within_2_points() {
         unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
         let o = c.wait_with_output().unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        assert_eq!(cpu_cgroup(w.pid()), "/", "lifted at the end");
+        assert_eq!(cpu_cgroup(w.pid()), before, "lifted at the end");
     }
 }
 
@@ -184,14 +164,15 @@ fn restore_leaves_a_reused_pid_alone() {
     let root = immp::act::cgroup::CgroupLayout::detect()
         .v1_cpu_mount
         .expect("v1 cpu");
-    let capped = format!("/immp-{}-1", w.pid());
+    // The journal says what a real cap would: the process's own cgroup, the cap under it.
+    let before = cpu_cgroup(w.pid());
+    let capped = format!("{}/immp-{}-1", before.trim_end_matches('/'), w.pid());
     std::fs::create_dir_all(root.join(capped.trim_start_matches('/'))).unwrap();
     let j = journal_dir("reuse");
     std::fs::create_dir_all(&j).unwrap();
     let entry = serde_json::json!({"op": "place", "pid": w.pid(), "start_time": 1, "comm": "old", "mechanism": "cgroup-v1",
-        "root": root, "original": "/", "capped": capped, "previous_cpu_max": null});
+        "root": root, "original": before, "capped": capped, "previous_cpu_max": null});
     std::fs::write(j.join("journal"), format!("{entry}\n")).unwrap();
-    let before = cpu_cgroup(w.pid());
     let o = immp(&j, &["restore", "--format", "json"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(
@@ -226,13 +207,16 @@ fn refusals_change_nothing() {
     let pid = w.pid().to_string();
     let j = journal_dir("refusals");
     let cg = cpu_cgroup(w.pid());
+    // A real kernel thread, found by its PF_KTHREAD flag (PID 2 is kthreadd only outside PID
+    // namespaces).
+    let kthread = kernel_thread().to_string();
     one_line_error(
         &immp(&j, &["throttle", "--pid", "1", "--cap", "20%"]),
         2,
         "PID 1",
     );
     one_line_error(
-        &immp(&j, &["throttle", "--pid", "2", "--cap", "20%"]),
+        &immp(&j, &["throttle", "--pid", &kthread, "--cap", "20%"]),
         2,
         "kernel thread",
     );
@@ -276,7 +260,7 @@ fn refusals_change_nothing() {
         .unwrap();
     one_line_error(&o, 3, "root");
     // Other tests run in parallel and make cgroups of their own: look for ours.
-    for p in [pid.as_str(), "1", "2", "4194305"] {
+    for p in [pid.as_str(), "1", kthread.as_str(), "4194305"] {
         let mine = format!("immp-{p}-");
         assert!(
             !cpu_tree().iter().any(|d| d.contains(&mine)),
@@ -290,6 +274,7 @@ fn refusals_change_nothing() {
 fn second_instance_is_refused() {
     let a = Workload::start(&["idle"]);
     let b = Workload::start(&["idle"]);
+    let a_before = cpu_cgroup(a.pid());
     let j = journal_dir("second");
     let mut first = spawn_immp(
         &j,
@@ -325,7 +310,7 @@ fn second_instance_is_refused() {
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
     assert!(first.wait().unwrap().success());
-    assert_eq!(cpu_cgroup(a.pid()), "/");
+    assert_eq!(cpu_cgroup(a.pid()), a_before);
 }
 
 #[test]
@@ -343,6 +328,7 @@ fn children_follow_the_cap_and_come_back_with_it() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
+    let sh_before = cpu_cgroup(sh.id());
     let mut c = spawn_immp(
         &j,
         &[
@@ -371,8 +357,12 @@ fn children_follow_the_cap_and_come_back_with_it() {
         "a child forked while capped follows"
     );
     assert!(c.wait().unwrap().success());
-    assert_eq!(cpu_cgroup(sh.id()), "/");
-    assert_eq!(cpu_cgroup(child), "/", "the child comes back too");
+    assert_eq!(cpu_cgroup(sh.id()), sh_before);
+    assert_eq!(
+        cpu_cgroup(child),
+        sh_before,
+        "the child comes back too (to where its parent came from)"
+    );
     let _ = Command::new("kill").arg(child.to_string()).status();
     let _ = sh.kill();
     let _ = sh.wait();

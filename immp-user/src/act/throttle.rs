@@ -37,6 +37,9 @@ pub enum CapOutcome {
     Gone,
 }
 
+/// A placement and its cgroup's own limit, or why no cap is needed.
+type PlanOrHeld = Result<(Placement, Option<(f64, String)>), CapOutcome>;
+
 struct Active {
     placement: Placement,
     cap_pct: f64,
@@ -105,15 +108,20 @@ impl Throttler {
         if procfs::stat(id.pid).is_none_or(|s| s.id != id) {
             return Ok(CapOutcome::Gone);
         }
-        let placement = self.plan(id, comm)?;
-        let limit = limit_pct(&placement);
-        if let Some((l, cgroup)) = limit.clone().filter(|(l, _)| *l <= pct) {
-            return Ok(CapOutcome::Held {
-                limit_pct: l,
-                cgroup,
-            });
-        }
+        // The claim first: of two immp starting on one process at once, one wins here, and
+        // the other never mistakes the winner's cap cgroup for the process's own.
         claim::take(id, &self.journal_dir)?;
+        let (placement, limit) = match self.plan_unclaimed(id, comm, pct) {
+            Ok(Ok(p)) => p,
+            Ok(Err(held)) => {
+                claim::release(id);
+                return Ok(held);
+            }
+            Err(e) => {
+                claim::release(id);
+                return Err(e);
+            }
+        };
         self.journal.append(&Entry::Place(placement.clone()))?;
         let applied = self.apply(&placement, pct);
         if let Ok(true) = applied {
@@ -133,6 +141,26 @@ impl Throttler {
         })?;
         claim::release(id);
         applied.map(|_| CapOutcome::Gone)
+    }
+
+    /// The placement for a new cap, or `Err(Held)` when its cgroup already holds it below the
+    /// cap; a process in an immp cap cgroup is refused (another immp got there first).
+    fn plan_unclaimed(&self, id: ProcId, comm: &str, pct: f64) -> anyhow::Result<PlanOrHeld> {
+        if let Some(cg) = procfs::immp_cgroup(id.pid) {
+            return Err(crate::usage(format!(
+                "PID {} is already capped: it is in immp's cap cgroup {cg}; lift that cap first",
+                id.pid
+            )));
+        }
+        let placement = self.plan(id, comm)?;
+        let limit = limit_pct(&placement);
+        if let Some((l, cgroup)) = limit.clone().filter(|(l, _)| *l <= pct) {
+            return Ok(Err(CapOutcome::Held {
+                limit_pct: l,
+                cgroup,
+            }));
+        }
+        Ok(Ok((placement, limit)))
     }
 
     fn plan(&self, id: ProcId, comm: &str) -> anyhow::Result<Placement> {
