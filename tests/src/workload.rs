@@ -160,6 +160,27 @@ fn main() {
             assert!(p != libc::MAP_FAILED);
             bracket(|| touch(p.cast(), n, 1));
         }
+        "fork-churn" => {
+            // A shell-like parent: between forks it rewrites the same N pages, which every
+            // fork write-protects again (copy-on-write). The hypervisor sees N pages.
+            let (n, forks) = (arg(&args, 1), arg(&args, 2));
+            let p = map_anon(n);
+            touch(p, n, 1);
+            bracket(|| {
+                for i in 0..forks {
+                    // SAFETY: single-threaded; the child exits at once without touching memory.
+                    let child = unsafe { libc::fork() };
+                    if child == 0 {
+                        // SAFETY: leave the child without running the parent's exit handlers.
+                        unsafe { libc::_exit(0) };
+                    }
+                    let mut st = 0;
+                    // SAFETY: waiting for our own child.
+                    unsafe { libc::waitpid(child, &mut st, 0) };
+                    touch(p, n, (i % 250) as u8 + 2);
+                }
+            });
+        }
         "cow" => {
             let n = arg(&args, 1);
             let p = map_anon(n);

@@ -95,6 +95,26 @@ fn first_touch_counts_new_pages_tracepoint_fallback() {
 }
 
 #[test]
+fn fork_churn_counts_each_page_once_per_window() {
+    // 64 pages rewritten after each of 400 forks: 25 600 write-protect faults on 64 pages.
+    let (snap, pid, _) = measure(FlavourChoice::Btf, &["fork-churn", "64", "400"]);
+    let p = find(&snap, pid);
+    let c = counts(&snap, p);
+    let repeats = p.rates.write_repeat * snap.interval_s;
+    // The 64 pages, plus the few of its stack and heap that fork and waitpid touch.
+    assert!(
+        c.dirty >= 64.0 && c.dirty <= 64.0 + 32.0,
+        "dirty {} pages for 64 distinct (write-protect {}, repeats {repeats})",
+        c.dirty,
+        c.write_protect
+    );
+    assert!(
+        repeats > 64.0 * 300.0,
+        "the repeats are seen and set apart: {repeats}"
+    );
+}
+
+#[test]
 fn read_scan_counts_reads_not_dirty() {
     let (snap, pid, _) = measure(FlavourChoice::Btf, &["read-scan", &N.to_string()]);
     let c = counts(&snap, find(&snap, pid));
