@@ -1,6 +1,7 @@
 //! Developer workflows for immp: toolchain setup, build, run, test, benchmarks.
 //! Nothing in the product depends on this crate.
 mod bench;
+mod cpio;
 mod setup;
 mod vm;
 
@@ -36,9 +37,14 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Boot Debian's kernel under QEMU and run the guest tests (soft-dirty, cgroup v2, QEMU's
-    /// own dirty rate); optional test names select some
-    VmTest { tests: Vec<String> },
+    /// Boot Debian's kernels under QEMU, one after another, and run the guest tests on each
+    /// (soft-dirty, cgroup v2, QEMU's own dirty rate); optional test names select some
+    VmTest {
+        /// Kernel to test on (repeatable); default: all of them
+        #[arg(long = "kernel", value_name = "NAME", value_parser = vm::kernel_names())]
+        kernels: Vec<String>,
+        tests: Vec<String>,
+    },
     /// Benchmarks that print ratios measured side by side in one run
     Bench {
         #[command(subcommand)]
@@ -127,9 +133,9 @@ fn main() -> anyhow::Result<()> {
                     .args(&args),
             )?;
             // The guest half: soft-dirty, cgroup v2 and QEMU's own dirty rate need Debian's
-            // kernel, booted under QEMU (this host kernel has no soft-dirty).
+            // kernels, booted under QEMU (this host kernel has no soft-dirty); all of them.
             if args.is_empty() {
-                match vm::test(vec![]) {
+                match vm::select(&[]).and_then(|k| vm::test(vec![], &k)) {
                     Ok((p, f)) => (passed, failed) = (passed + p, failed + f),
                     Err(e) => {
                         eprintln!("vm-test: {e:#}");
@@ -143,9 +149,9 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Cmd::VmTest { tests } => {
+        Cmd::VmTest { kernels, tests } => {
             setup::ensure()?;
-            let (_, failed) = vm::test(tests)?;
+            let (_, failed) = vm::test(tests, &vm::select(&kernels)?)?;
             if failed > 0 {
                 bail!("vm-test: {failed} failed");
             }

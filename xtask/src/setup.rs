@@ -74,7 +74,8 @@ fn bpf_linker_ok() -> bool {
 const VM_PACKAGES: &[(&str, &str)] = &[
     ("qemu-system-x86", "/usr/bin/qemu-system-x86_64"),
     ("busybox-static", "/bin/busybox"),
-    ("cpio", "/usr/bin/cpio"),
+    // Debian's 6.12 modules are .ko.xz; the initramfs gets them decompressed.
+    ("xz-utils", "/usr/bin/xz"),
 ];
 
 pub fn ensure_vm() -> anyhow::Result<()> {

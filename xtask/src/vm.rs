@@ -1,5 +1,6 @@
-//! The migration lab's first use: boot Debian's own kernel (soft-dirty, BTF, cgroup v2 with a
-//! cpu controller) under QEMU TCG from a cpio initramfs holding immp, and run the guest tests.
+//! The migration lab's first use: boot Debian's own kernels (soft-dirty, BTF, cgroup v2 with a
+//! cpu controller) under QEMU TCG from a cpio initramfs holding immp, and run the guest tests
+//! on each kernel of the matrix in turn.
 use std::{
     io::{BufRead, BufReader, Write},
     os::unix::net::UnixStream,
@@ -9,6 +10,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use flate2::Compression;
 
 use crate::{release_bin, root, run};
 
@@ -19,52 +21,122 @@ fn vm_dir() -> PathBuf {
     root().join("target/vm")
 }
 
-/// Downloads and unpacks the kernel `linux-image-amd64` depends on (cached).
-pub fn kernel() -> anyhow::Result<(PathBuf, PathBuf)> {
-    let dir = vm_dir().join("kernel");
-    std::fs::create_dir_all(&dir)?;
-    let deps = Command::new("apt-cache")
-        .args(["depends", "linux-image-amd64"])
-        .output()?;
-    let text = String::from_utf8_lossy(&deps.stdout);
-    let pkg = text
-        .lines()
-        .find_map(|l| {
-            l.trim()
-                .strip_prefix("Depends: ")
-                .filter(|p| p.starts_with("linux-image-"))
-        })
-        .context("apt-cache depends linux-image-amd64 names no kernel package")?
-        .to_string();
-    let version = pkg.trim_start_matches("linux-image-").to_string();
-    let tree = dir.join(&version);
-    let vmlinuz = tree.join(format!("boot/vmlinuz-{version}"));
-    if !vmlinuz.exists() {
-        eprintln!("vm: downloading {pkg}");
-        let _ = Command::new("apt-get").args(["update", "-qq"]).status();
-        run(Command::new("apt-get")
-            .args(["download", &pkg])
-            .current_dir(&dir)
-            .stderr(Stdio::null()))?;
-        let deb = std::fs::read_dir(&dir)?
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| {
-                p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{pkg}_")))
-            })
-            .context("downloaded kernel package not found")?;
-        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&tree))?;
-        let _ = std::fs::remove_file(deb);
-    }
-    Ok((vmlinuz, tree.join("lib/modules").join(&version)))
+/// A guest kernel of the test matrix: the name `--kernel` takes, and the Debian package that
+/// always depends on the newest image of that line (so the matrix follows security updates).
+pub struct Kernel {
+    pub name: &'static str,
+    meta: &'static str,
 }
 
-fn copy(from: &Path, to: &Path) -> anyhow::Result<()> {
-    if let Some(d) = to.parent() {
-        std::fs::create_dir_all(d)?;
+/// Debian 12's generic 6.1, its cloud flavour (what cloud VMs run; other built-ins), and 6.12
+/// (bookworm's newer line). The first is the default of the benchmarks.
+pub static KERNELS: [Kernel; 3] = [
+    Kernel {
+        name: "6.1",
+        meta: "linux-image-amd64",
+    },
+    Kernel {
+        name: "6.1-cloud",
+        meta: "linux-image-cloud-amd64",
+    },
+    Kernel {
+        name: "6.12",
+        meta: "linux-image-6.12-amd64",
+    },
+];
+
+/// `--kernel`'s values, for clap to check and to list in --help.
+pub fn kernel_names() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(KERNELS.iter().map(|k| k.name))
+}
+
+/// The kernels with these names, in matrix order; all of them when `names` is empty.
+pub fn select(names: &[String]) -> anyhow::Result<Vec<&'static Kernel>> {
+    if let Some(bad) = names.iter().find(|n| !KERNELS.iter().any(|k| k.name == *n)) {
+        let known: Vec<&str> = KERNELS.iter().map(|k| k.name).collect();
+        bail!("unknown kernel {bad:?} (known: {})", known.join(", "));
     }
-    std::fs::copy(from, to).with_context(|| format!("copying {}", from.display()))?;
+    Ok(KERNELS
+        .iter()
+        .filter(|k| names.is_empty() || names.iter().any(|n| n == k.name))
+        .collect())
+}
+
+/// A kernel package unpacked in its own cache directory.
+pub struct Unpacked {
+    package: String,
+    vmlinuz: PathBuf,
+    tree: PathBuf,
+    release: String,
+}
+
+impl Unpacked {
+    fn modules(&self) -> PathBuf {
+        self.tree.join("lib/modules").join(&self.release)
+    }
+}
+
+impl Kernel {
+    /// Downloads and unpacks the image package the meta package depends on (cached per
+    /// release under target/vm/kernel/).
+    pub fn fetch(&self) -> anyhow::Result<Unpacked> {
+        let pkg = image_package(self.meta)?;
+        let release = pkg.trim_start_matches("linux-image-").to_string();
+        let dir = vm_dir().join("kernel");
+        let tree = dir.join(&release);
+        let vmlinuz = tree.join(format!("boot/vmlinuz-{release}"));
+        if !vmlinuz.exists() {
+            eprintln!("vm: {}: downloading {pkg}", self.name);
+            download(&pkg, &dir, &tree).with_context(|| format!("kernel {}", self.name))?;
+        }
+        if !vmlinuz.exists() {
+            bail!("{pkg} unpacked, but it has no {}", vmlinuz.display());
+        }
+        Ok(Unpacked {
+            package: pkg,
+            vmlinuz,
+            tree,
+            release,
+        })
+    }
+}
+
+/// The `linux-image-*` package a meta package depends on, e.g. linux-image-6.1.0-56-amd64.
+fn image_package(meta: &str) -> anyhow::Result<String> {
+    let deps = Command::new("apt-cache")
+        .args(["depends", meta])
+        .output()
+        .context("running apt-cache")?;
+    let text = String::from_utf8_lossy(&deps.stdout);
+    let pkg = text.lines().find_map(|l| {
+        l.trim()
+            .strip_prefix("Depends: ")
+            .filter(|p| p.starts_with("linux-image-"))
+    });
+    Ok(pkg
+        .with_context(|| format!("apt-cache depends {meta} names no kernel package"))?
+        .to_string())
+}
+
+/// `apt-get download` into `dir`, then `dpkg-deb -x` into `tree`; the .deb is removed.
+fn download(pkg: &str, dir: &Path, tree: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let _ = Command::new("apt-get").args(["update", "-qq"]).status();
+    run(Command::new("apt-get")
+        .args(["download", pkg])
+        .current_dir(dir)
+        .stderr(Stdio::null()))?;
+    let prefix = format!("{pkg}_");
+    let deb = std::fs::read_dir(dir)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
+        })
+        .with_context(|| format!("downloaded {pkg} not found in {}", dir.display()))?;
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(tree))?;
+    let _ = std::fs::remove_file(deb);
     Ok(())
 }
 
@@ -90,8 +162,9 @@ mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp
 mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
 mount -t cgroup2 none /sys/fs/cgroup
-for m in crc32c_generic crc16 mbcache jbd2 ext4; do insmod /modules/$m.ko; done
-insmod /modules/brd.ko rd_nr=1 rd_size=65536
+while read m args; do
+    insmod /modules/$m.ko $args || echo "IMMP-INSMOD-FAILED $m"
+done < /modules/load
 mke2fs -q /dev/ram0 && mount -t ext2 /dev/ram0 /mnt
 echo "IMMP-BOOTED $(uname -r) thp=$(cat /sys/kernel/mm/transparent_hugepage/enabled) mnt=$(grep -c " /mnt " /proc/mounts)"
 tests=$(sed -n 's/.*immp\.tests=\([^ ]*\).*/\1/p' /proc/cmdline | tr , ' ')
@@ -103,39 +176,78 @@ poweroff -f
 echo o > /proc/sysrq-trigger
 "#;
 
-/// Builds the initramfs: busybox, immp, the workloads, the guest tests, their libraries, the
-/// few modules a RAM-disk ext2 needs.
-pub fn initramfs(modules: &Path) -> anyhow::Result<PathBuf> {
-    let rootfs = vm_dir().join("rootfs");
-    let _ = std::fs::remove_dir_all(&rootfs);
-    for d in ["bin", "proc", "sys", "dev", "tmp", "mnt", "modules"] {
-        std::fs::create_dir_all(rootfs.join(d))?;
-    }
-    copy(Path::new("/bin/busybox"), &rootfs.join("bin/busybox"))?;
-    for b in ["immp", "immp-workload", "immp-guest"] {
-        let src = release_bin(b);
-        copy(&src, &rootfs.join("bin").join(b))?;
-        for lib in libs(&src)? {
-            copy(&lib, &rootfs.join(lib.strip_prefix("/").unwrap_or(&lib)))?;
-        }
-    }
-    for m in ["crc32c_generic", "crc16", "mbcache", "jbd2", "ext4", "brd"] {
-        let found =
-            find_module(modules, &format!("{m}.ko")).with_context(|| format!("module {m}"))?;
-        copy(&found, &rootfs.join("modules").join(format!("{m}.ko")))?;
-    }
-    let init = rootfs.join("init");
-    std::fs::write(&init, INIT)?;
-    run(Command::new("chmod").arg("755").arg(&init))?;
-    let out = vm_dir().join("initrd.gz");
-    run(Command::new("sh").arg("-c").arg(format!(
-        "cd '{}' && find . | cpio -o -H newc --quiet | gzip -1 > '{}'",
-        rootfs.display(),
-        out.display()
-    )))?;
-    Ok(out)
+/// What a RAM-disk ext2 on /mnt needs, in load order, with module parameters.
+/// crc32c_generic comes first: ext4 and jbd2 ask the crypto API for "crc32c" (a soft
+/// dependency that insmod does not follow).
+const MODULES: &[(&str, &str)] = &[
+    ("crc32c_generic", ""),
+    ("crc16", ""),
+    ("mbcache", ""),
+    ("jbd2", ""),
+    ("ext4", ""),
+    ("brd", "rd_nr=1 rd_size=65536"),
+];
+
+/// How MODULES reach one kernel: built-in ones need nothing but their parameters on the
+/// kernel command line, the others are copied (uncompressed) and loaded by /init.
+#[derive(Default)]
+struct ModulePlan {
+    files: Vec<(String, Vec<u8>)>,
+    load: String,
+    cmdline: Vec<String>,
+    builtin: Vec<&'static str>,
 }
 
+fn module_plan(k: &Unpacked) -> anyhow::Result<ModulePlan> {
+    let dir = k.modules();
+    let builtin = std::fs::read_to_string(dir.join("modules.builtin"))
+        .with_context(|| format!("reading modules.builtin of {}", k.release))?;
+    let mut plan = ModulePlan::default();
+    for (m, params) in MODULES {
+        let ko = format!("{m}.ko");
+        if builtin
+            .lines()
+            .any(|l| l.rsplit('/').next() == Some(ko.as_str()))
+        {
+            plan.builtin.push(m);
+            // Built-in modules take their parameters as MODULE.PARAM=VALUE words.
+            let words = params.split_whitespace().map(|p| format!("{m}.{p}"));
+            plan.cmdline.extend(words);
+            continue;
+        }
+        let found = find_module(&dir, m).with_context(|| {
+            format!(
+                "{}: module {m} is neither built in nor in {}",
+                k.release,
+                dir.display()
+            )
+        })?;
+        plan.files
+            .push((format!("modules/{ko}"), module_bytes(&found)?));
+        plan.load.push_str(&format!("{m} {params}\n"));
+    }
+    Ok(plan)
+}
+
+/// A module file as the kernel's init_module takes it. Debian's 6.12 ships them
+/// xz-compressed; decompressing here keeps the guest independent of whether busybox's insmod
+/// was built with xz support.
+fn module_bytes(path: &Path) -> anyhow::Result<Vec<u8>> {
+    if path.extension().is_some_and(|e| e == "xz") {
+        let o = Command::new("xz")
+            .arg("-dc")
+            .arg(path)
+            .output()
+            .context("running xz")?;
+        if !o.status.success() {
+            bail!("xz -dc {} failed ({})", path.display(), o.status);
+        }
+        return Ok(o.stdout);
+    }
+    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// NAME.ko or NAME.ko.xz under `dir`.
 fn find_module(dir: &Path, name: &str) -> Option<PathBuf> {
     for e in std::fs::read_dir(dir).ok()?.flatten() {
         let p = e.path();
@@ -143,11 +255,80 @@ fn find_module(dir: &Path, name: &str) -> Option<PathBuf> {
             if let Some(f) = find_module(&p, name) {
                 return Some(f);
             }
-        } else if p.file_name().is_some_and(|n| n == name) {
+        } else if p
+            .file_name()
+            .and_then(|n| n.to_str()?.strip_prefix(name))
+            .is_some_and(|ext| ext == ".ko" || ext == ".ko.xz")
+        {
             return Some(p);
         }
     }
     None
+}
+
+/// A kernel ready to boot: its image, an initramfs built for it, and the words its command
+/// line needs (parameters of built-in modules).
+pub struct Boot {
+    package: String,
+    vmlinuz: PathBuf,
+    initrd: PathBuf,
+    words: String,
+}
+
+/// Fetches the kernel and builds its initramfs: busybox, immp, the workloads, the guest
+/// tests, their libraries, and the modules a RAM-disk ext2 needs on this kernel.
+pub fn prepare(k: &'static Kernel) -> anyhow::Result<Boot> {
+    let unpacked = k.fetch()?;
+    let plan = module_plan(&unpacked)?;
+    if !plan.builtin.is_empty() {
+        eprintln!("vm: {}: built in: {}", k.name, plan.builtin.join(" "));
+    }
+    let initrd = vm_dir().join(format!("initrd-{}.gz", k.name));
+    initramfs(&plan, &initrd).with_context(|| format!("initramfs for {}", k.name))?;
+    Ok(Boot {
+        package: unpacked.package,
+        vmlinuz: unpacked.vmlinuz,
+        initrd,
+        words: plan.cmdline.join(" "),
+    })
+}
+
+/// Writes the gzip-compressed newc archive straight from memory (no staging directory).
+fn initramfs(plan: &ModulePlan, out: &Path) -> anyhow::Result<()> {
+    let file = std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
+    // Level 1, as `gzip -1` before: the archive is rebuilt every run, and speed wins.
+    let gz = flate2::write::GzEncoder::new(std::io::BufWriter::new(file), Compression::fast());
+    let mut w = crate::cpio::Writer::new(gz);
+    for d in ["bin", "proc", "sys", "dev", "tmp", "mnt", "modules"] {
+        w.dir(d)?;
+    }
+    w.file("init", 0o755, INIT.as_bytes())?;
+    add_file(&mut w, Path::new("/bin/busybox"), "bin/busybox")?;
+    for b in ["immp", "immp-workload", "immp-guest"] {
+        let src = release_bin(b);
+        add_file(&mut w, &src, &format!("bin/{b}"))?;
+        for lib in libs(&src)? {
+            add_file(&mut w, &lib, &lib.to_string_lossy())?;
+        }
+    }
+    for (path, data) in &plan.files {
+        w.file(path, 0o644, data)?;
+    }
+    w.file("modules/load", 0o644, plan.load.as_bytes())?;
+    w.finish()?.finish()?.flush()?;
+    Ok(())
+}
+
+/// Copies a host file into the archive, keeping its permission bits. Libraries that several
+/// binaries need are written once.
+fn add_file<W: Write>(w: &mut crate::cpio::Writer<W>, from: &Path, to: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    if w.has(to) {
+        return Ok(());
+    }
+    let data = std::fs::read(from).with_context(|| format!("reading {}", from.display()))?;
+    let perm = std::fs::metadata(from)?.permissions().mode();
+    w.file(to, perm, &data)
 }
 
 pub struct Guest {
@@ -157,22 +338,18 @@ pub struct Guest {
 }
 
 impl Guest {
-    pub fn boot(vmlinuz: &Path, initrd: &Path, tests: &[String]) -> anyhow::Result<Self> {
-        Self::start(
-            "test",
-            vmlinuz,
-            initrd,
-            &format!("immp.tests={}", tests.join(",")),
-            None,
-        )
+    /// Boots `boot` to run these guest tests (all when empty); `name` keeps logs apart.
+    pub fn boot(name: &str, boot: &Boot, tests: &[String]) -> anyhow::Result<Self> {
+        let words = format!("immp.tests={}", tests.join(","));
+        Self::start(name, boot, &words, None)
     }
 
-    /// Starts QEMU; `name` keeps the log and QMP socket of several guests apart; `incoming`
-    /// makes it a migration destination listening on 127.0.0.1:PORT.
+    /// Starts QEMU; `name` keeps the log and QMP socket of several guests apart; `words` go
+    /// on the kernel command line after the kernel's own; `incoming` makes it a migration
+    /// destination listening on 127.0.0.1:PORT.
     pub fn start(
         name: &str,
-        vmlinuz: &Path,
-        initrd: &Path,
+        boot: &Boot,
         words: &str,
         incoming: Option<u16>,
     ) -> anyhow::Result<Self> {
@@ -180,7 +357,7 @@ impl Guest {
         let qmp = vm_dir().join(format!("{name}.qmp.sock"));
         let _ = std::fs::remove_file(&log);
         let _ = std::fs::remove_file(&qmp);
-        let append = format!("console=ttyS0 quiet panic=-1 {words}");
+        let append = format!("console=ttyS0 quiet panic=-1 {} {words}", boot.words);
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args([
             "-accel",
@@ -193,9 +370,9 @@ impl Guest {
             "-no-reboot",
         ])
         .arg("-kernel")
-        .arg(vmlinuz)
+        .arg(&boot.vmlinuz)
         .arg("-initrd")
-        .arg(initrd)
+        .arg(&boot.initrd)
         .args(["-append", &append])
         .arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", qmp.display()))
@@ -320,14 +497,19 @@ fn median(v: &mut [f64]) -> f64 {
     if v.is_empty() { 0.0 } else { v[v.len() / 2] }
 }
 
-/// Boots the guest with these guest-test names and returns its serial log once it is done.
-pub fn run_guest(tests: &[String]) -> anyhow::Result<String> {
+/// Builds the release binaries once for every guest that follows.
+fn build() -> anyhow::Result<()> {
     crate::setup::ensure_vm()?;
-    run(crate::cargo().args(["build", "--release", "--workspace", "--bins"]))?;
-    let (vmlinuz, modules) = kernel()?;
-    let initrd = initramfs(&modules)?;
+    run(crate::cargo().args(["build", "--release", "--workspace", "--bins"]))
+}
+
+/// Boots the default kernel with these guest-test names and returns its serial log once it
+/// is done (the benchmarks).
+pub fn run_guest(tests: &[String]) -> anyhow::Result<String> {
+    build()?;
+    let boot = prepare(&KERNELS[0])?;
     let started = Instant::now();
-    let mut g = Guest::boot(&vmlinuz, &initrd, tests)?;
+    let mut g = Guest::boot("test", &boot, tests)?;
     loop {
         std::thread::sleep(Duration::from_millis(250));
         if g.serial().contains("IMMP-DONE") || g.exited() {
@@ -339,27 +521,123 @@ pub fn run_guest(tests: &[String]) -> anyhow::Result<String> {
     }
 }
 
-/// Boots the guest, runs the tests, prints a pass/fail table; returns (passed, failed).
-pub fn test(tests: Vec<String>) -> anyhow::Result<(u64, u64)> {
-    crate::setup::ensure_vm()?;
-    run(crate::cargo().args(["build", "--release", "--workspace", "--bins"]))?;
-    let (vmlinuz, modules) = kernel()?;
-    let initrd = initramfs(&modules)?;
-    let started = Instant::now();
+/// One line of a kernel's results: a guest test, or the harness's own finding
+/// (names in parentheses), which counts as a failure like any other.
+struct Row {
+    test: String,
+    pass: bool,
+    detail: String,
+}
+
+impl Row {
+    fn harness(what: &str, detail: String) -> Self {
+        Self {
+            test: format!("({what})"),
+            pass: false,
+            detail,
+        }
+    }
+}
+
+/// The results of one kernel of the matrix.
+struct KernelRun {
+    kernel: &'static str,
+    package: String,
+    rows: Vec<Row>,
+    secs: f64,
+}
+
+/// Runs the guest tests on each kernel in turn, prints each kernel's table, then the matrix;
+/// returns (passed, failed) over every kernel's rows.
+pub fn test(tests: Vec<String>, kernels: &[&'static Kernel]) -> anyhow::Result<(u64, u64)> {
+    build()?;
+    let mut runs = Vec::new();
+    for k in kernels {
+        let started = Instant::now();
+        let (package, rows) = match test_kernel(k, &tests) {
+            Ok(r) => r,
+            Err(e) => (
+                String::from("not booted"),
+                vec![Row::harness("harness", format!("{e:#}"))],
+            ),
+        };
+        let run = KernelRun {
+            kernel: k.name,
+            package,
+            rows,
+            secs: started.elapsed().as_secs_f64(),
+        };
+        print_kernel(&run);
+        runs.push(run);
+    }
+    Ok(print_matrix(&runs))
+}
+
+/// Boots one kernel and turns its serial log into rows; a guest that stopped early, timed
+/// out or could not load a module gets a harness row saying so.
+fn test_kernel(k: &'static Kernel, tests: &[String]) -> anyhow::Result<(String, Vec<Row>)> {
+    let boot = prepare(k)?;
     eprintln!(
-        "vm: booting {} under QEMU TCG ({GUEST_RAM_MB} MiB, 1 vCPU)",
-        vmlinuz.display()
+        "vm: {}: booting {} under QEMU TCG ({GUEST_RAM_MB} MiB, 1 vCPU)",
+        k.name,
+        boot.vmlinuz.display()
     );
-    let mut g = Guest::boot(&vmlinuz, &initrd, &tests)?;
+    let mut g = Guest::boot(&format!("test-{}", k.name), &boot, tests)?;
+    let (log, qemu_rates) = watch(&mut g, k.name)?;
+    let mut rows = result_rows(&log);
+    judge_qemu_rate(&mut rows, &log, qemu_rates);
+    let exited = g.exited();
+    rows.extend(harness_rows(&log, exited, tests, &rows));
+    Ok((boot.package, rows))
+}
+
+/// What the guest's own results cannot say: modules that did not load, a guest that stopped
+/// or timed out before IMMP-DONE, tests asked for by name that never reported.
+fn harness_rows(log: &str, exited: bool, tests: &[String], rows: &[Row]) -> Vec<Row> {
+    let mut out = Vec::new();
+    let failed_insmod: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.strip_prefix("IMMP-INSMOD-FAILED "))
+        .collect();
+    if !failed_insmod.is_empty() {
+        let detail = format!("insmod failed: {}", failed_insmod.join(" "));
+        out.push(Row::harness("modules", detail));
+    }
+    if !log.contains("IMMP-DONE") {
+        let last = log.lines().rev().find(|l| !l.trim().is_empty());
+        let why = if exited { "stopped" } else { "timed out" };
+        let detail = format!(
+            "guest {why} before IMMP-DONE; last serial line: {}",
+            last.unwrap_or("").trim()
+        );
+        out.push(Row::harness("guest", detail));
+        return out;
+    }
+    for t in tests.iter().filter(|t| !rows.iter().any(|r| r.test == **t)) {
+        out.push(Row {
+            test: t.clone(),
+            pass: false,
+            detail: "asked for, never reported (no such guest test?)".into(),
+        });
+    }
+    if rows.is_empty() && tests.is_empty() {
+        out.push(Row::harness("guest", "ran no test".into()));
+    }
+    out
+}
+
+/// Follows the guest until IMMP-DONE, exit or TIMEOUT, echoing result lines, and measures
+/// QEMU's dirty rate while the guest's qemu-rate test asks for it. Returns the serial log.
+fn watch(g: &mut Guest, kernel: &str) -> anyhow::Result<(String, Vec<f64>)> {
+    let started = Instant::now();
     let mut qemu_rates: Vec<f64> = Vec::new();
     let mut progress = 0usize;
     loop {
         std::thread::sleep(Duration::from_millis(250));
         let log = g.serial();
-        // Progress: echo result lines as they come.
         for l in log.lines().skip(progress) {
             if l.starts_with("IMMP-RESULT") || l.starts_with("IMMP-BOOTED") {
-                eprintln!("vm: {l}");
+                eprintln!("vm: {kernel}: {l}");
             }
         }
         progress = log.lines().count();
@@ -369,72 +647,113 @@ pub fn test(tests: Vec<String>) -> anyhow::Result<(u64, u64)> {
             for _ in 0..3 {
                 qemu_rates.push(q.dirty_rate(1)?);
             }
-            if qemu_rates.is_empty() {
-                qemu_rates.push(0.0);
-            }
         }
-        if log.contains("IMMP-DONE") || g.exited() {
-            break;
-        }
-        if started.elapsed() > TIMEOUT {
-            bail!(
-                "guest timed out after {:?}; serial log: {}",
-                TIMEOUT,
-                g.log.display()
-            );
+        if log.contains("IMMP-DONE") || g.exited() || started.elapsed() > TIMEOUT {
+            return Ok((log, qemu_rates));
         }
     }
-    let log = g.serial();
-    drop(g);
-    let mut rows: Vec<(String, bool, String)> = log
-        .lines()
+}
+
+fn result_rows(log: &str) -> Vec<Row> {
+    log.lines()
         .filter_map(|l| l.strip_prefix("IMMP-RESULT "))
         .map(|r| {
             let mut it = r.splitn(3, ' ');
-            let name = it.next().unwrap_or("").to_string();
-            let pass = it.next() == Some("PASS");
-            (name, pass, it.next().unwrap_or("").to_string())
+            Row {
+                test: it.next().unwrap_or("").to_string(),
+                pass: it.next() == Some("PASS"),
+                detail: it.next().unwrap_or("").to_string(),
+            }
         })
+        .collect()
+}
+
+/// The QEMU comparison is judged here, where QEMU's figure is.
+fn judge_qemu_rate(rows: &mut [Row], log: &str, mut qemu_rates: Vec<f64>) {
+    let Some(row) = rows.iter_mut().find(|r| r.test == "qemu-rate") else {
+        return;
+    };
+    let after = log.split("IMMP-QMP-START").nth(1).unwrap_or("");
+    let mut guest: Vec<f64> = after
+        .lines()
+        .filter_map(|l| l.strip_prefix("IMMP-RATE ")?.trim().parse().ok())
         .collect();
-    // The QEMU comparison is judged here, where QEMU's figure is.
-    if let Some(row) = rows.iter_mut().find(|r| r.0 == "qemu-rate") {
-        let after = log.split("IMMP-QMP-START").nth(1).unwrap_or("");
-        let mut guest: Vec<f64> = after
-            .lines()
-            .filter_map(|l| l.strip_prefix("IMMP-RATE ")?.trim().parse().ok())
-            .collect();
-        let (g, q) = (median(&mut guest), median(&mut qemu_rates.clone()));
-        let err = if q > 0.0 { (g - q).abs() / q } else { 1.0 };
-        *row = (
-            row.0.clone(),
-            row.1 && err <= 0.15,
-            format!(
-                "immp {:.1} MB/s vs QEMU calc-dirty-rate {:.1} MB/s ({:+.1} %; goal within 15 %)",
-                g / 1e6,
-                q / 1e6,
-                (g - q) / q.max(1.0) * 100.0
-            ),
-        );
-    }
+    let (g, q) = (median(&mut guest), median(&mut qemu_rates));
+    let err = if q > 0.0 { (g - q).abs() / q } else { 1.0 };
+    row.pass = row.pass && err <= 0.15;
+    row.detail = format!(
+        "immp {:.1} MB/s vs QEMU calc-dirty-rate {:.1} MB/s ({:+.1} %; goal within 15 %)",
+        g / 1e6,
+        q / 1e6,
+        (g - q) / q.max(1.0) * 100.0
+    );
+}
+
+fn verdict(pass: bool) -> &'static str {
+    if pass { "PASS" } else { "FAIL" }
+}
+
+/// One kernel's table, with every detail (as soon as that kernel is done).
+fn print_kernel(run: &KernelRun) {
     println!(
-        "vm-test: {} in {:.0}s (serial log {})",
-        vmlinuz.display(),
-        started.elapsed().as_secs_f64(),
-        vm_dir().join("test.serial.log").display()
+        "vm-test: kernel {} ({}) in {:.0}s (serial log {})",
+        run.kernel,
+        run.package,
+        run.secs,
+        vm_dir()
+            .join(format!("test-{}.serial.log", run.kernel))
+            .display()
     );
     println!("{:<16} {:<5} DETAIL", "TEST", "");
-    for (n, p, d) in &rows {
-        println!("{n:<16} {:<5} {d}", if *p { "PASS" } else { "FAIL" });
+    for r in &run.rows {
+        println!("{:<16} {:<5} {}", r.test, verdict(r.pass), r.detail);
     }
-    let failed = rows.iter().filter(|r| !r.1).count();
-    println!("vm-test: {} passed, {failed} failed", rows.len() - failed);
-    if rows.is_empty() {
-        bail!(
-            "the guest ran no test (see {})",
-            vm_dir().join("test.serial.log").display()
-        );
+}
+
+/// The kernel x test matrix, the details of every failure, and the totals.
+fn print_matrix(runs: &[KernelRun]) -> (u64, u64) {
+    let mut tests: Vec<&str> = Vec::new();
+    for r in runs.iter().flat_map(|k| &k.rows) {
+        if !tests.contains(&r.test.as_str()) {
+            tests.push(&r.test);
+        }
     }
-    Ok(((rows.len() - failed) as u64, failed as u64))
+    println!("\nvm-test matrix");
+    print!("{:<16}", "TEST");
+    runs.iter().for_each(|k| print!(" {:<10}", k.kernel));
+    println!();
+    for t in &tests {
+        print!("{t:<16}");
+        for k in runs {
+            let cell = k
+                .rows
+                .iter()
+                .find(|r| r.test == *t)
+                .map_or("-", |r| verdict(r.pass));
+            print!(" {cell:<10}");
+        }
+        println!();
+    }
+    let (mut passed, mut failed) = (0, 0);
+    print!("{:<16}", "passed/total");
+    for k in runs {
+        let p = k.rows.iter().filter(|r| r.pass).count();
+        (passed, failed) = (passed + p, failed + k.rows.len() - p);
+        print!(" {:<10}", format!("{p}/{}", k.rows.len()));
+    }
+    print!("\n{:<16}", "seconds");
+    runs.iter().for_each(|k| print!(" {:<10.0}", k.secs));
+    println!();
+    for k in runs {
+        for r in k.rows.iter().filter(|r| !r.pass) {
+            println!("FAIL {} {}: {}", k.kernel, r.test, r.detail);
+        }
+    }
+    println!(
+        "vm-test: {passed} passed, {failed} failed on {} kernels",
+        runs.len()
+    );
+    (passed as u64, failed as u64)
 }
 
 /// One live migration of a fresh guest running `scenario`, at 12.5 MB/s (100 Mbit/s) over
@@ -455,18 +774,16 @@ pub fn migrate_lab(
     ring: &str,
     limit: Duration,
 ) -> anyhow::Result<Vec<Migration>> {
-    crate::setup::ensure_vm()?;
-    run(crate::cargo().args(["build", "--release", "--workspace", "--bins"]))?;
-    let (vmlinuz, modules) = kernel()?;
-    let initrd = initramfs(&modules)?;
+    build()?;
+    let boot = prepare(&KERNELS[0])?;
     let mut out = Vec::new();
     for (i, sc) in scenarios.iter().enumerate() {
         let words = format!("immp.lab={sc} IMMP_RING={ring}");
         let port = 44440 + i as u16;
         eprintln!("lab: {sc}: booting the source guest");
-        let mut src = Guest::start(&format!("src-{sc}"), &vmlinuz, &initrd, &words, None)?;
+        let mut src = Guest::start(&format!("src-{sc}"), &boot, &words, None)?;
         src.wait_for("IMMP-LAB-READY", Duration::from_secs(300))?;
-        let dst = Guest::start(&format!("dst-{sc}"), &vmlinuz, &initrd, &words, Some(port))?;
+        let dst = Guest::start(&format!("dst-{sc}"), &boot, &words, Some(port))?;
         std::thread::sleep(Duration::from_secs(1));
         let mut q = Qmp::connect(&src.qmp)?;
         q.cmd(
