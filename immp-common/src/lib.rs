@@ -69,6 +69,10 @@ pub mod maps {
     pub const SEEN: &str = "SEEN";
     /// One u32: the current window number.
     pub const WINDOW: &str = "WINDOW";
+    /// tgid -> window number, for processes whose windows start when they are re-armed
+    /// (exact mode: at their own `clear_refs`, not at the global sample).
+    pub const ARMED: &str = "ARMED";
+    pub const ARMED_CAPACITY: u32 = 4096;
     /// Capacity of `SEEN`: when it overflows, the least recently written pages are forgotten
     /// and may count again (an over-count, never an under-count).
     pub const SEEN_CAPACITY: u32 = 1 << 16;

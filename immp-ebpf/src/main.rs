@@ -20,7 +20,11 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, RingBuf},
     programs::{BtfTracePointContext, TracePointContext},
 };
-use immp_common::{Counters, ExitEvent, PageKey, fault, maps::SEEN_CAPACITY, stats};
+use immp_common::{
+    Counters, ExitEvent, PageKey, fault,
+    maps::{ARMED_CAPACITY, SEEN_CAPACITY},
+    stats,
+};
 
 /// Default capacity; the loader overrides it (`--max-procs`).
 #[map]
@@ -37,6 +41,9 @@ static SEEN: LruHashMap<PageKey, u32> = LruHashMap::with_max_entries(SEEN_CAPACI
 
 #[map]
 static WINDOW: Array<u32> = Array::with_max_entries(1, 0);
+
+#[map]
+static ARMED: HashMap<u32, u32> = HashMap::with_max_entries(ARMED_CAPACITY, 0);
 
 #[unsafe(no_mangle)]
 static FOLIO_NR_PAGES_OFFSET: Global<u32> = Global::new(0);
@@ -85,7 +92,12 @@ fn counters(tgid: u32) -> Option<*mut Counters> {
 /// a newly dirtied page); marks it written otherwise.
 #[inline(always)]
 fn repeat(tgid: u32, address: u64) -> bool {
-    let window = WINDOW.get(0).copied().unwrap_or(0);
+    // A process re-armed in exact mode has its own window (from its clear_refs on).
+    // SAFETY: the value is copied out at once.
+    let window = match unsafe { ARMED.get(&tgid) } {
+        Some(w) => *w,
+        None => WINDOW.get(0).copied().unwrap_or(0),
+    };
     let key = PageKey { tgid, _pad: 0, page: address >> 12 };
     // SAFETY: the value is copied out at once; a concurrent update only makes it stale.
     if unsafe { SEEN.get(&key) }.is_some_and(|w| *w == window) {

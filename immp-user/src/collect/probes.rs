@@ -106,6 +106,7 @@ pub struct Probes {
     stats: Array<MapData, u64>,
     /// The current window number (repeat faults within one window are not new dirty pages).
     window: Array<MapData, u32>,
+    armed: HashMap<MapData, u32, u32>,
     window_no: u32,
     pub report: ProbeReport,
 }
@@ -232,12 +233,14 @@ impl Probes {
         let exits = RingBuf::try_from(take(&mut ebpf, maps::EXITS)?)?;
         let stats = Array::try_from(take(&mut ebpf, maps::STATS)?)?;
         let window = Array::try_from(take(&mut ebpf, maps::WINDOW)?)?;
+        let armed = HashMap::try_from(take(&mut ebpf, maps::ARMED)?)?;
         Ok(Self {
             _ebpf: ebpf,
             counters,
             exits,
             stats,
             window,
+            armed,
             window_no: 0,
             report,
         })
@@ -247,6 +250,17 @@ impl Probes {
     pub fn next_window(&mut self) {
         self.window_no = self.window_no.wrapping_add(1);
         let _ = self.window.set(0, self.window_no, 0);
+    }
+
+    /// Starts a window of `pid`'s own (call right before re-arming it).
+    pub fn start_window_of(&mut self, pid: u32) {
+        self.window_no = self.window_no.wrapping_add(1);
+        let _ = self.armed.insert(pid, self.window_no, 0);
+    }
+
+    /// `pid` follows the global windows again (no longer re-armed).
+    pub fn forget_window_of(&mut self, pid: u32) {
+        let _ = self.armed.remove(&pid);
     }
 
     /// All live entries. Entries deleted while we iterate are skipped, not errors.
@@ -310,6 +324,12 @@ impl super::source::CounterSource for Probes {
     }
     fn next_window(&mut self) {
         Probes::next_window(self)
+    }
+    fn start_window_of(&mut self, pid: u32) {
+        Probes::start_window_of(self, pid)
+    }
+    fn forget_window_of(&mut self, pid: u32) {
+        Probes::forget_window_of(self, pid)
     }
 }
 

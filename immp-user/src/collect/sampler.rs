@@ -305,6 +305,10 @@ impl<C: CounterSource, P: ProcSource> Sampler<C, P> {
             };
             self.arm_one(id, previous.contains(&id) && rearmed.contains_key(&id.pid));
         }
+        // Processes no longer armed follow the global windows again.
+        for gone in previous.difference(&self.exact.armed) {
+            self.counters.forget_window_of(gone.pid);
+        }
     }
 
     fn arm_one(&mut self, id: ProcId, already: bool) {
@@ -315,8 +319,10 @@ impl<C: CounterSource, P: ProcSource> Sampler<C, P> {
             self.exact.armed.insert(id); // re-armed at the window boundary
             return;
         }
+        let _boundary = super::softdirty::Realtime::enter();
         // --verify's process is held still for its boundary (see `close_windows`).
         let _still = (Some(id) == self.exact.verify).then(|| self.procs.freeze(id));
+        self.counters.start_window_of(id.pid);
         if self.procs.clear_refs(id.pid).is_ok() {
             // Its next window starts now: take the baseline now too.
             if let Some(c) = self.counters.counters_of(id.pid) {
@@ -432,6 +438,7 @@ impl<C: CounterSource, P: ProcSource> Sampler<C, P> {
         if !self.exact.on {
             return;
         }
+        let _boundary = super::softdirty::Realtime::enter();
         if let Some(v) = self.exact.verify.filter(|v| self.exact.armed.contains(v)) {
             let _still = self.procs.freeze(v);
             r.verify_sd = self
@@ -441,16 +448,16 @@ impl<C: CounterSource, P: ProcSource> Sampler<C, P> {
                 .map(|sd| (v.pid, sd));
             self.rearm_boundary(v, r);
         }
+        let verify = self.exact.verify;
         let armed: Vec<ProcId> = self.exact.armed.iter().copied().collect();
-        for id in armed
-            .into_iter()
-            .filter(|id| Some(*id) != self.exact.verify)
-        {
+        for id in armed.into_iter().filter(|id| Some(*id) != verify) {
             self.rearm_boundary(id, r);
         }
     }
 
-    fn rearm_boundary(&self, id: ProcId, r: &mut Reads) {
+    fn rearm_boundary(&mut self, id: ProcId, r: &mut Reads) {
+        // Its next window starts here, for the kernel's dedup of repeated faults too.
+        self.counters.start_window_of(id.pid);
         if self.procs.clear_refs(id.pid).is_ok()
             && let Some(c) = self.counters.counters_of(id.pid)
         {

@@ -102,6 +102,40 @@ fn pagemap_self(addr: usize) -> Result<u64, String> {
     Ok(u64::from_le_bytes(b))
 }
 
+/// The calling thread at real-time priority until dropped. Re-arming a process and reading its
+/// counters must not be split by that process running (its faults in between would land in
+/// the wrong window): on a single vCPU, a SCHED_FIFO thread is not preempted by ordinary
+/// tasks, so the boundary is one instant for them. Best effort: without the privilege,
+/// nothing changes.
+pub struct Realtime(Option<(libc::c_int, libc::sched_param)>);
+
+impl Realtime {
+    pub fn enter() -> Self {
+        // SAFETY: reading and setting this thread's own scheduling policy.
+        unsafe {
+            let policy = libc::sched_getscheduler(0);
+            let mut old: libc::sched_param = std::mem::zeroed();
+            if policy < 0 || libc::sched_getparam(0, &mut old) != 0 {
+                return Realtime(None);
+            }
+            let rt = libc::sched_param { sched_priority: 1 };
+            if libc::sched_setscheduler(0, libc::SCHED_FIFO, &rt) != 0 {
+                return Realtime(None);
+            }
+            Realtime(Some((policy, old)))
+        }
+    }
+}
+
+impl Drop for Realtime {
+    fn drop(&mut self) {
+        if let Some((policy, old)) = self.0 {
+            // SAFETY: restoring this thread's own policy as it was.
+            unsafe { libc::sched_setscheduler(0, policy, &old) };
+        }
+    }
+}
+
 /// A process held stopped (SIGSTOP) for a window boundary; SIGCONT when dropped. Only
 /// `--verify` uses it: with the process still, reading pagemap, re-arming and reading the
 /// counters happen at one instant of its life, so the two counts cover the same window.

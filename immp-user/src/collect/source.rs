@@ -22,6 +22,10 @@ pub trait CounterSource {
     fn capacity(&self) -> u32;
     /// Starts a new window for the kernel's per-window dedup of repeated write faults.
     fn next_window(&mut self) {}
+    /// Starts a window of this process's own, right before it is re-armed (exact mode).
+    fn start_window_of(&mut self, _pid: u32) {}
+    /// The process follows the global windows again.
+    fn forget_window_of(&mut self, _pid: u32) {}
     /// Why the preferred probes were not used, if they were not.
     fn fallback_reason(&self) -> Option<String> {
         None
