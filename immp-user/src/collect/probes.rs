@@ -137,18 +137,18 @@ impl Probes {
     }
 
     fn load_btf(opts: &ProbeOptions) -> anyhow::Result<Self> {
-        // The BTF parsers hold tens of MB while they work: take what we need, drop them, and
-        // hand the freed heap back (the agent runs for hours; its resident size matters).
-        let (folio, present) = {
-            let kbtf = btfinfo::load_vmlinux()?;
-            let present: Vec<bool> = HOOKS
-                .iter()
-                .map(|h| btfinfo::has_tracepoint(&kbtf, h.name))
-                .collect();
-            (btfinfo::folio_layout(&kbtf), present)
-        };
-        trim_heap();
-        let btf = aya::Btf::from_sys_fs().context("reading kernel BTF for aya")?;
+        // One read of the kernel's BTF: immp's own scanner takes the few facts it needs in
+        // place, and aya parses the same bytes (it needs the tracepoints' type ids). Every page
+        // allocated here is a page the migration sends: dropped and trimmed right after.
+        let kbtf = btfinfo::load_vmlinux()?;
+        let present: Vec<bool> = HOOKS
+            .iter()
+            .map(|h| btfinfo::has_tracepoint(&kbtf, h.name))
+            .collect();
+        let folio = btfinfo::folio_layout(&kbtf);
+        let btf = aya::Btf::parse(kbtf.bytes(), aya::Endianness::default())
+            .context("reading kernel BTF for aya")?;
+        drop(kbtf);
         let mut ebpf = Self::loader(opts, folio)?;
         let mut hooks = BTreeMap::new();
         for (h, present) in HOOKS.iter().zip(present) {
