@@ -408,8 +408,9 @@ impl Sample {
         }
         writeln!(
             f,
-            "total dirty {}{link}",
-            fmt_rate(self.totals.dirty_bytes_per_s)
+            "total dirty {}{link}; not attributed to a process: {} (kernel allocations)",
+            fmt_rate(self.totals.dirty_bytes_per_s),
+            fmt_rate(self.totals.unattributed_bytes_per_s)
         )?;
         if let Some(p) = self.prediction {
             match p.total_s {

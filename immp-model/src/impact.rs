@@ -37,7 +37,11 @@ pub fn assess(snap: &Snapshot, link: &Link, target: Option<Duration>, top: usize
         .collect();
     writers.sort_by(|a, b| b.1.rate.total_cmp(&a.1.rate));
     let named: f64 = writers.iter().map(|(_, w)| w.rate).sum();
-    let rest = (snap.totals.dirty_bytes_per_s - named).max(0.0);
+    let guest = snap
+        .totals
+        .dirty_bytes_per_s
+        .max(snap.totals.guest_dirty_bytes_per_s);
+    let rest = (guest - named).max(0.0);
     let eval = |skip: Option<ProcId>, cap: Option<(ProcId, f64)>| {
         let mut v: Vec<(Writer, Option<f64>)> = writers
             .iter()

@@ -219,8 +219,13 @@ impl Planner {
                 p.dirty_bytes_per_s,
             ));
         }
-        // Dirtying not attributed to a live process (short-lived ones).
-        let rest = (snap.totals.dirty_bytes_per_s - named).max(0.0) * margin;
+        // Dirtying not attributed to a live process: short-lived ones, and what the kernel
+        // allocated for nobody in particular (its estimate when there is one).
+        let guest = snap
+            .totals
+            .dirty_bytes_per_s
+            .max(snap.totals.guest_dirty_bytes_per_s);
+        let rest = (guest - named).max(0.0) * margin;
         Self {
             writers,
             background: Writer::linear(rest, s.link.ram, 0.0),

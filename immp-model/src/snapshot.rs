@@ -142,6 +142,14 @@ pub struct Totals {
     pub short_lived_dirty_pages_per_s: f64,
     /// Processes with any fault or dirtying activity in the interval.
     pub active_processes: usize,
+    /// Pages the guest's kernel allocated (every one is written: zeroed or filled) that no
+    /// process's count explains (page tables, slab, socket and pipe buffers, immp's own
+    /// start-up...), per second: /proc/vmstat page allocations minus the new pages counted per
+    /// process. An estimate of the dirtying immp cannot pin on a process.
+    pub unattributed_pages_per_s: f64,
+    pub unattributed_bytes_per_s: f64,
+    /// The guest's whole dirty rate as immp estimates it: attributed plus unattributed.
+    pub guest_dirty_bytes_per_s: f64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]

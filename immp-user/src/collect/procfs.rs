@@ -173,6 +173,17 @@ pub fn exists(id: ProcId) -> Option<bool> {
     None
 }
 
+/// Pages allocated since boot, all zones (/proc/vmstat `pgalloc_*`).
+pub fn page_allocs() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/vmstat").ok()?;
+    let sum = text
+        .lines()
+        .filter(|l| l.starts_with("pgalloc_"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum();
+    Some(sum)
+}
+
 /// This machine's RAM, bytes (inside a guest: the RAM that migration sends).
 pub fn mem_total() -> f64 {
     kb_field("/proc/meminfo", "MemTotal:").map_or(1e9, |b| b as f64)

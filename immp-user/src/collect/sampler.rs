@@ -100,6 +100,8 @@ pub struct Sampler<C: CounterSource = Probes, P: ProcSource = LiveProcs> {
     watch: Vec<ProcId>,
     last: Instant,
     last_stats: KernelStats,
+    /// Kernel page allocations at the last sample.
+    last_allocs: Option<u64>,
     seq: u64,
     page_size: u64,
     tps: f64,
@@ -215,6 +217,7 @@ impl<C: CounterSource, P: ProcSource> Sampler<C, P> {
             watch,
             last: Instant::now(),
             last_stats: KernelStats::default(),
+            last_allocs: None,
             seq: 0,
         };
         s.baseline();
@@ -235,6 +238,7 @@ impl<C: CounterSource, P: ProcSource> Sampler<C, P> {
             );
         }
         self.counters.drain_exits();
+        self.last_allocs = self.procs.page_allocs();
         self.counters.next_window();
         self.last_stats = self.counters.kernel_stats();
         // Watched processes are named now: one that exits before its first sample still has
@@ -355,7 +359,8 @@ impl<C: CounterSource, P: ProcSource> Sampler<C, P> {
         let mut processes = self.join_proc(&mut reads, dt);
         self.add_watched(&mut processes, dt, &mut reads);
         self.forget_departed(&processes);
-        let totals = self.totals(&processes, &reads.unseen_exit, dt);
+        let mut totals = self.totals(&processes, &reads.unseen_exit, dt);
+        self.unattributed(&mut totals, &processes, dt);
         let health = Health {
             proc_read_errors: reads.read_errors,
             ..self.health(tracked)
@@ -596,6 +601,24 @@ impl<C: CounterSource, P: ProcSource> Sampler<C, P> {
         t
     }
 
+    /// Kernel page allocations the per-process new-page and page-cache counts do not explain.
+    fn unattributed(&mut self, t: &mut Totals, processes: &[ProcSample], dt: f64) {
+        let now = self.procs.page_allocs();
+        let allocs = match (now, self.last_allocs) {
+            (Some(n), Some(b)) => n.saturating_sub(b) as f64 / dt,
+            _ => 0.0,
+        };
+        self.last_allocs = now;
+        let explained: f64 = processes
+            .iter()
+            .map(|p| p.rates.write_new + p.rates.pagecache)
+            .sum::<f64>()
+            + t.short_lived_dirty_pages_per_s;
+        t.unattributed_pages_per_s = (allocs - explained).max(0.0);
+        t.unattributed_bytes_per_s = t.unattributed_pages_per_s * self.page_size as f64;
+        t.guest_dirty_bytes_per_s = t.dirty_bytes_per_s + t.unattributed_bytes_per_s;
+    }
+
     fn health(&mut self, tracked: usize) -> Health {
         let ks = self.counters.kernel_stats();
         let h = Health {
@@ -797,6 +820,7 @@ mod tests {
     struct FakeProcs {
         procs: RefCell<BTreeMap<u32, u64>>,
         unreadable: RefCell<u32>,
+        allocs: RefCell<u64>,
     }
 
     impl ProcSource for FakeProcs {
@@ -844,6 +868,9 @@ mod tests {
         }
         fn soft_dirty_supported(&self) -> Result<bool, String> {
             Ok(false)
+        }
+        fn page_allocs(&self) -> Option<u64> {
+            Some(*self.allocs.borrow())
         }
         fn exists(&self, id: ProcId) -> Option<bool> {
             if *self.unreadable.borrow() > 0 {
@@ -974,6 +1001,26 @@ mod tests {
         let snap = s.sample();
         assert!(!row(&snap, id).gone);
         assert_eq!(snap.health.proc_read_errors, 0, "the retry read it");
+    }
+
+    #[test]
+    fn kernel_allocations_no_process_explains_are_unattributed() {
+        let k = FakeCounters {
+            live: BTreeMap::from([(10, counters(1, 0))]),
+            ..Default::default()
+        };
+        let p = FakeProcs::default();
+        p.procs.borrow_mut().insert(10, 77);
+        let mut s = sampler(k, p, vec![]);
+        // 300 new pages counted for the process; the kernel allocated 1000.
+        s.counters.live.insert(10, counters(1, 300));
+        *s.procs.allocs.borrow_mut() += 1000;
+        let snap = s.sample();
+        let t = snap.totals;
+        let unattributed = t.unattributed_pages_per_s * snap.interval_s;
+        assert!((unattributed - 700.0).abs() < 1e-6, "{t:?}");
+        let guest = t.guest_dirty_bytes_per_s * snap.interval_s / 4096.0;
+        assert!((guest - 1000.0).abs() < 1e-6, "{t:?}");
     }
 
     #[test]

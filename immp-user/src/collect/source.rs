@@ -53,6 +53,10 @@ pub trait ProcSource {
     fn soft_dirty_supported(&self) -> Result<bool, String>;
     /// Whether (pid, start time) exists: `None` when it cannot be told (a read error).
     fn exists(&self, id: ProcId) -> Option<bool>;
+    /// Pages the kernel has allocated since boot (/proc/vmstat pgalloc_*).
+    fn page_allocs(&self) -> Option<u64> {
+        None
+    }
     /// Holds the process still until the guard drops (`--verify` window boundaries).
     fn freeze(&self, _id: ProcId) -> Frozen {
         Frozen::none()
@@ -99,6 +103,9 @@ impl ProcSource for LiveProcs {
     }
     fn exists(&self, id: ProcId) -> Option<bool> {
         super::procfs::exists(id)
+    }
+    fn page_allocs(&self) -> Option<u64> {
+        super::procfs::page_allocs()
     }
     fn freeze(&self, id: ProcId) -> Frozen {
         Frozen::stop(id.pid, id.start_time)
