@@ -124,6 +124,9 @@ struct Track {
     calm: u32,
     /// Snapshot times (ms) of its cap changes.
     changes: Vec<u64>,
+    /// Sequence number of the snapshot that decided its last change: the snapshots after it
+    /// measure the new cap (it is applied right after the decision).
+    changed_seq: Option<u64>,
 }
 
 /// What the policy remembers between intervals.
@@ -163,7 +166,7 @@ fn observe(snap: &Snapshot, caps: &BTreeMap<ProcId, f64>, st: &mut PolicyState) 
                 t.under_cap.clear();
             }
             // Only whole intervals under this cap tell its effect.
-            Some(&cap) if t.changes.last().is_none_or(|&c| c <= start_ms) => {
+            Some(&cap) if t.changed_seq.is_none_or(|c| snap.seq > c) => {
                 let key = (cap * 10.0).round() as i64;
                 let e = t.response.entry(key).or_insert((cap, p.dirty_bytes_per_s));
                 e.1 = smooth(e.1, p.dirty_bytes_per_s);
@@ -593,11 +596,13 @@ pub fn decide(
             Action::Cap { cap_pct } => {
                 t.changes.push(snap.time_unix_ms);
                 t.changes.retain(|&c| c + 60_000 > snap.time_unix_ms);
+                t.changed_seq = Some(snap.seq);
                 t.under_cap.clear();
                 in_force.insert(id, cap_pct);
             }
             Action::Lift => {
                 t.changes.push(snap.time_unix_ms);
+                t.changed_seq = Some(snap.seq);
                 t.uncapped = None; // measured afresh if it comes back
                 t.calm = 0;
                 in_force.remove(&id);
@@ -659,6 +664,7 @@ mod tests {
 
     fn at(mut s: Snapshot, t_s: u64) -> Snapshot {
         s.time_unix_ms = 1_000_000 + t_s * 1000;
+        s.seq = t_s;
         s
     }
 
