@@ -151,11 +151,8 @@ fn smooth(old: f64, new: f64) -> f64 {
     old + ALPHA * (new - old)
 }
 
-/// Records what this snapshot measured. `changed_ms`: when each cap in force was last set.
+/// Records what this snapshot measured.
 fn observe(snap: &Snapshot, caps: &BTreeMap<ProcId, f64>, st: &mut PolicyState) {
-    let start_ms = snap
-        .time_unix_ms
-        .saturating_sub((snap.interval_s * 1000.0) as u64);
     for p in snap.processes.iter().filter(|p| !p.gone) {
         let t = st.tracks.entry(p.id()).or_default();
         match caps.get(&p.id()) {
