@@ -8,6 +8,7 @@ pub mod csv;
 pub mod doctor;
 pub mod json;
 pub mod text;
+pub mod tui;
 
 /// Output formats (one enum for every command; a command that prints no rows refuses CSV).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
