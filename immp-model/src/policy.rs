@@ -51,7 +51,7 @@ impl AutoSettings {
             floor_pct,
             target: target.unwrap_or_else(|| default_target(&link)),
             immp_share: 0.25,
-            headroom: 0.1,
+            headroom: 0.3,
             patience: 3,
             max_changes_per_min: 3,
             tolerance: 0.1,

@@ -58,7 +58,7 @@ pub struct ThrottleArgs {
     pub target: Option<Duration>,
     /// Share of the dirtying the counts may miss (kernel work on a process's behalf, noise):
     /// measured rates are planned as rate / (1 - headroom)
-    #[arg(long, default_value = "10%", value_parser = args::headroom)]
+    #[arg(long, default_value = "30%", value_parser = args::headroom)]
     pub headroom: f64,
     /// Lift all caps after this long (e.g. 10m): a deadline; default: until Ctrl-C
     #[arg(long, value_parser = args::positive_duration)]

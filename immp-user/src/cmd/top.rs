@@ -86,7 +86,7 @@ pub struct TopArgs {
     #[arg(long, value_parser = args::positive_duration)]
     pub target: Option<Duration>,
     /// Share of the dirtying the counts may miss (the policy plans with rate / (1 - headroom))
-    #[arg(long, default_value = "10%", value_parser = args::headroom)]
+    #[arg(long, default_value = "30%", value_parser = args::headroom)]
     pub headroom: f64,
     #[command(flatten)]
     pub journal: JournalArgs,
