@@ -249,7 +249,12 @@ fn qemu_rate() -> Outcome {
     while Instant::now() < end {
         std::thread::sleep(Duration::from_secs(1));
         let snap = s.sample();
-        say(&format!("IMMP-RATE {:.0}", snap.totals.dirty_bytes_per_s));
+        // The guest's whole rate as immp estimates it: what processes dirtied plus the kernel
+        // allocations no process explains (QEMU sees both).
+        say(&format!(
+            "IMMP-RATE {:.0}",
+            snap.totals.guest_dirty_bytes_per_s
+        ));
     }
     say("IMMP-QMP-END");
     Ok("guest rates printed; the host compares them with QEMU".into())
@@ -449,58 +454,192 @@ fn bench_exact() -> Outcome {
     Ok("bench done".into())
 }
 
-/// The migration lab's guest side (`cargo xtask bench migrate`): start the workload of a
-/// scenario, say IMMP-LAB-READY once it is in steady state, then keep running while the host
-/// migrates the VM. Never returns.
+/// The migration lab's guest side (`cargo xtask bench migrate`), driven by environment words
+/// on the kernel command line:
+///   IMMP_LAB_SERVICE=RATE      the latency-sensitive service (requests per second)
+///   IMMP_LAB_WRITER=PAGES,WORK the ring writer (compute per page)
+///   IMMP_LAB_POLICY=none | cgroup:PCT | cpulimit:PCT | immp | immp:FLOORPCT
+///   IMMP_LAB_WARM=SECS, IMMP_LAB_SETTLE=SECS  writer alone (immp: already running), then
+///                              the fixed policy in force, before READY
+/// `probe` instead runs the writer at each IMMP_LAB_PROBE=PAGES,SECS,WORK,WORK... in turn.
+/// Every second it prints `IMMP-LAB-C w=PAGES s=DONE h=BUCKET:COUNT,...` (cumulative counters,
+/// timestamped by the host: the guest clock is no stopwatch under TCG) and forwards immp's
+/// JSON events as `IMMP-LAB-EVENT {...}`. Never returns (the host stops QEMU).
 fn lab(scenario: &str) -> ! {
-    let (pages, work) = std::env::var("IMMP_RING")
-        .ok()
-        .and_then(|v| {
-            let (a, b) = v.split_once(',')?;
-            Some((a.to_string(), b.to_string()))
-        })
-        .unwrap_or(("49152".into(), "30000".into()));
-    let _writer = (scenario != "idle").then(|| start(&["ring", &pages, &work]));
-    if scenario == "auto" {
-        let mut c = Command::new(IMMP)
-            .args([
-                "throttle",
-                "--auto",
-                "--bandwidth",
-                "100Mbit",
-                "--floor",
-                "5%",
-                "--interval",
-                "2s",
-                "--format",
-                "json",
-            ])
-            .env("IMMP_JOURNAL_DIR", "/tmp/journal")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("immp throttle");
-        let out = std::io::BufReader::new(c.stdout.take().expect("stdout"));
-        let mut ready = false;
-        for line in std::io::BufRead::lines(out).map_while(Result::ok) {
-            if line.contains("\"event\":\"decision\"") || line.contains("\"event\":\"prediction\"")
-            {
-                say(&format!("IMMP-LAB-EVENT {line}"));
-            }
-            if !ready
-                && line.contains("\"event\":\"decision\"")
-                && line.contains("\"action\":\"cap\"")
-            {
-                ready = true;
-                say("IMMP-LAB-READY");
+    let env = |k: &str| std::env::var(k).unwrap_or_default();
+    let num = |k: &str, d: u64| env(k).parse().unwrap_or(d);
+    lab_reporter();
+    if scenario == "probe" {
+        let spec = env("IMMP_LAB_PROBE");
+        let mut it = spec.split(',');
+        let pages = it.next().unwrap_or("49152").to_string();
+        let secs: u64 = it.next().and_then(|s| s.parse().ok()).unwrap_or(5);
+        for work in it {
+            let w = start(&["ring-count", &pages, work, LAB_WRITER]);
+            say(&format!("IMMP-LAB-PROBE work={work}"));
+            std::thread::sleep(Duration::from_secs(secs));
+            drop(w);
+        }
+        say("IMMP-LAB-PROBE-DONE");
+        lab_forever();
+    }
+    let _service = (!env("IMMP_LAB_SERVICE").is_empty())
+        .then(|| start(&["service", &env("IMMP_LAB_SERVICE"), LAB_SERVICE]));
+    let policy = env("IMMP_LAB_POLICY");
+    let (kind, pct) = policy.split_once(':').unwrap_or((policy.as_str(), ""));
+    let mut keep = Vec::new();
+    // immp starts before the writer (and is running its loop when the writer appears), so
+    // that the writer runs WARM + SETTLE seconds before the migration under every policy:
+    // immp's start-up (BTF parsing, several seconds under TCG) must not lengthen the
+    // writer's run, and with it the memory the migration has to send.
+    if kind == "immp" {
+        match lab_immp(pct) {
+            Ok(c) => keep.push(c),
+            Err(e) => say(&format!("IMMP-LAB-ERROR immp: {e}")),
+        }
+    }
+    let writer = env("IMMP_LAB_WRITER")
+        .split_once(',')
+        .map(|(pages, work)| start(&["ring-count", pages, work, LAB_WRITER]));
+    std::thread::sleep(Duration::from_secs(num("IMMP_LAB_WARM", 5)));
+    match (kind, &writer) {
+        ("cgroup", Some(w)) => lab_cgroup(w.pid(), pct),
+        ("cpulimit", Some(w)) => {
+            let c = Command::new("/usr/bin/cpulimit")
+                .args(["-p", &w.pid().to_string(), "-l", pct, "-z", "-q"])
+                .stdout(Stdio::null())
+                .spawn();
+            match c {
+                Ok(c) => {
+                    say(&format!(
+                        "IMMP-LAB-POLICY cpulimit -l {pct} on PID {}",
+                        w.pid()
+                    ));
+                    keep.push(c);
+                }
+                Err(e) => say(&format!("IMMP-LAB-ERROR cpulimit: {e}")),
             }
         }
-        let _ = c.wait();
+        ("immp" | "none" | "", _) => {}
+        (k, None) => say(&format!("IMMP-LAB-ERROR policy {k} needs a writer")),
+        (k, _) => say(&format!("IMMP-LAB-ERROR unknown policy {k}")),
     }
-    std::thread::sleep(Duration::from_secs(5));
+    std::thread::sleep(Duration::from_secs(num("IMMP_LAB_SETTLE", 5)));
+    if kind == "immp"
+        && let Some(c) = keep.first()
+    {
+        // immp's own memory: what it touched is resent by the migration like any other page.
+        let st = std::fs::read_to_string(format!("/proc/{}/status", c.id())).unwrap_or_default();
+        let kb = |k: &str| {
+            st.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map_or("?".into(), |v| v.trim().trim_end_matches(" kB").to_string())
+        };
+        say(&format!(
+            "IMMP-LAB-IMMP-MEM hwm_kb={} rss_kb={}",
+            kb("VmHWM:"),
+            kb("VmRSS:")
+        ));
+    }
     say("IMMP-LAB-READY");
+    let _keep = (writer, keep);
+    lab_forever()
+}
+
+const LAB_WRITER: &str = "/tmp/lab-writer";
+const LAB_SERVICE: &str = "/tmp/lab-service";
+
+fn lab_forever() -> ! {
     loop {
         std::thread::sleep(Duration::from_secs(3600));
     }
+}
+
+/// Prints the writer's and the service's counters every second (cumulative, so a line lost or
+/// late costs nothing but resolution).
+fn lab_reporter() {
+    std::thread::spawn(|| {
+        loop {
+            std::thread::sleep(Duration::from_secs(1));
+            let read = |p: &str| -> Vec<u64> {
+                std::fs::read(p)
+                    .unwrap_or_default()
+                    .chunks_exact(8)
+                    .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+                    .collect()
+            };
+            let (w, s) = (read(LAB_WRITER), read(LAB_SERVICE));
+            let h: Vec<String> = s
+                .iter()
+                .enumerate()
+                .skip(8)
+                .filter(|(_, c)| **c > 0)
+                .map(|(i, c)| format!("{}:{c}", i - 8))
+                .collect();
+            say(&format!(
+                "IMMP-LAB-C w={} s={} h={}",
+                w.first().copied().unwrap_or(0),
+                s.first().copied().unwrap_or(0),
+                h.join(",")
+            ));
+        }
+    });
+}
+
+/// A fixed cgroup v2 cap on the writer: `cpu.max` of a cgroup of its own.
+fn lab_cgroup(pid: u32, pct: &str) {
+    let quota = pct.parse::<f64>().unwrap_or(20.0) * 1000.0;
+    let dir = "/sys/fs/cgroup/lab-cap";
+    let r = std::fs::create_dir_all(dir)
+        .and_then(|_| std::fs::write("/sys/fs/cgroup/cgroup.subtree_control", "+cpu"))
+        .and_then(|_| std::fs::write(format!("{dir}/cpu.max"), format!("{quota:.0} 100000")))
+        .and_then(|_| std::fs::write(format!("{dir}/cgroup.procs"), pid.to_string()));
+    match r {
+        Ok(()) if cgroup_of(pid).contains("lab-cap") => say(&format!(
+            "IMMP-LAB-POLICY cgroup cpu.max {quota:.0} 100000 on PID {pid}"
+        )),
+        Ok(()) => say(&format!("IMMP-LAB-ERROR PID {pid} not in {dir}")),
+        Err(e) => say(&format!("IMMP-LAB-ERROR cgroup cap: {e}")),
+    }
+}
+
+/// `immp throttle --auto` as an operator would start it (default floor, or `--floor PCT%`);
+/// its JSON events are forwarded to the serial console. Returns once its first prediction
+/// is out (probes attached, first interval measured).
+fn lab_immp(floor: &str) -> std::io::Result<std::process::Child> {
+    let mut args = vec![
+        "throttle",
+        "--auto",
+        "--bandwidth",
+        "100Mbit",
+        "--format",
+        "json",
+    ];
+    let floor_arg = format!("{floor}%");
+    if !floor.is_empty() {
+        args.extend(["--floor", &floor_arg]);
+    }
+    let mut c = Command::new(IMMP)
+        .args(&args)
+        .env("IMMP_JOURNAL_DIR", "/tmp/journal")
+        .stdout(Stdio::piped())
+        .spawn()?;
+    say(&format!("IMMP-LAB-POLICY immp {}", args.join(" ")));
+    let out = std::io::BufReader::new(c.stdout.take().expect("stdout"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(out).map_while(Result::ok) {
+            // Interval lines repeat what decisions say; the console is slow under TCG.
+            if !line.contains("\"event\":\"interval\"") {
+                say(&format!("IMMP-LAB-EVENT {line}"));
+            }
+            if line.contains("\"event\":\"prediction\"") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let _ = rx.recv_timeout(Duration::from_secs(120));
+    Ok(c)
 }
 
 fn median_of(v: &mut [f64]) -> f64 {

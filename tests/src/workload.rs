@@ -15,6 +15,13 @@
 //!   rewrite PAGES        forever: rewrite the same PAGES pages (no faults after the first pass)
 //!   ring PAGES WORK      forever: drop and re-touch a ring of PAGES pages, WORK spins per page
 //!                        (a decoder-like writer: each touch is a new-page fault, RSS stays PAGES)
+//!   ring-count PAGES WORK PATH  the `ring` writer that also keeps the number of pages it has
+//!                        written in the first 8 bytes of PATH (one shared page): the migration
+//!                        lab reads it to measure progress in host time
+//!   service RATE PATH    a request/response service over a socket pair (a server thread and a
+//!                        client thread): RATE requests per second on a fixed schedule, latency
+//!                        counted from each request's scheduled time (so stalls are not hidden);
+//!                        completed requests and a latency histogram live in PATH (see `bucket`)
 //!   paced PAGES MS       forever: rewrite the same PAGES pages, one pass every MS milliseconds
 //!   rewrite-bench PAGES WORK SECS  rewrite PAGES pages (WORK spins per page) for SECS seconds;
 //!                        prints pages written per second
@@ -257,6 +264,30 @@ fn main() {
                 }
             }
         }
+        "ring-count" => {
+            let (n, work) = (arg(&args, 1), arg(&args, 2));
+            let path = args.get(3).expect("PATH");
+            let counter = shared_counters(path);
+            let p = map_anon(n);
+            say("ready");
+            let (mut x, mut written) = (1u64, 0u64);
+            loop {
+                // SAFETY: as in `ring`.
+                unsafe { libc::madvise(p.cast(), n * pg, libc::MADV_DONTNEED) };
+                for i in 0..n {
+                    for _ in 0..work {
+                        x = std::hint::black_box(
+                            x.wrapping_mul(6364136223846793005).wrapping_add(1),
+                        );
+                    }
+                    // SAFETY: within the ring.
+                    unsafe { ptr::write_volatile(p.add(i * pg), x as u8) };
+                    written += 1;
+                    counter[0].store(written, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+        "service" => service(arg(&args, 1), args.get(2).expect("PATH")),
         "paced" => {
             let (n, ms) = (arg(&args, 1), arg(&args, 2) as u64);
             let p = map_anon(n);
@@ -377,4 +408,88 @@ fn bracket(work: impl FnOnce()) {
     work();
     say("done");
     wait_eof();
+}
+
+/// One shared page of u64 counters backed by PATH (created, one page long): another process
+/// (the lab's reporter) reads them with plain reads of the file.
+fn shared_counters(path: &str) -> &'static [std::sync::atomic::AtomicU64] {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .expect("open counter file");
+    f.set_len(page() as u64).expect("size counter file");
+    // SAFETY: a shared mapping of the one-page file; it outlives the process's use of it
+    // (never unmapped), and AtomicU64 has the layout of u64 at 8-byte aligned offsets.
+    unsafe {
+        let p = libc::mmap(
+            ptr::null_mut(),
+            page(),
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
+        assert!(p != libc::MAP_FAILED, "mmap counter file");
+        std::slice::from_raw_parts(p.cast(), page() / 8)
+    }
+}
+
+/// The service's latency histogram: bucket i holds latencies in [2^(i/8), 2^((i+1)/8)) µs
+/// (9 % wide), from 1 µs to about 4.5 minutes. Slot 0 of the counter page is the number of
+/// completed requests, slot 1 the number sent, buckets start at slot `HISTO_FIRST`.
+const HISTO_FIRST: usize = 8;
+const HISTO_BUCKETS: usize = 8 * 28;
+
+fn bucket(us: f64) -> usize {
+    ((us.max(1.0).log2() * 8.0) as usize).min(HISTO_BUCKETS - 1)
+}
+
+/// `service RATE PATH`: the latency-sensitive neighbour of the lab's writer.
+fn service(rate: usize, path: &str) -> ! {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    use std::sync::atomic::Ordering::Relaxed;
+    use std::time::{Duration, Instant};
+    let c = shared_counters(path);
+    let (mut client, mut server) = UnixStream::pair().expect("socketpair");
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        let mut x = 7u64;
+        loop {
+            if server.read_exact(&mut buf).is_err() {
+                return;
+            }
+            // A little work per request, as a real handler would do.
+            for _ in 0..2000 {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+            buf[..8].copy_from_slice(&x.to_le_bytes());
+            if server.write_all(&buf).is_err() {
+                return;
+            }
+        }
+    });
+    let period = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+    say("ready");
+    let mut next = Instant::now();
+    let (mut done, mut buf) = (0u64, [0u8; 64]);
+    loop {
+        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        buf[..8].copy_from_slice(&done.to_le_bytes());
+        c[1].store(done + 1, Relaxed);
+        client.write_all(&buf).expect("request");
+        client.read_exact(&mut buf).expect("response");
+        // From the scheduled time: a request delayed by a stalled CPU counts its wait.
+        let us = Instant::now().duration_since(next).as_secs_f64() * 1e6;
+        c[HISTO_FIRST + bucket(us)].fetch_add(1, Relaxed);
+        done += 1;
+        c[0].store(done, Relaxed);
+        next += period;
+    }
 }

@@ -28,18 +28,35 @@ pub enum Which {
     /// Exact mode's cost, in the QEMU guest (soft-dirty): re-arm time per GiB of RSS, writer
     /// slowdown under 1 s windows
     Exact,
-    /// The migration lab: live-migrate a guest (QEMU TCG, 512 MiB, 100 Mbit/s over loopback)
-    /// idle, with a heavy writer, and with the same writer under `immp throttle --auto`
+    /// The migration lab: live-migrate a QEMU TCG guest (512 MiB, 1 vCPU, 100 Mbit/s over
+    /// loopback) idle, with a light and a heavy writer (calibrated in the run), each under
+    /// every policy (none, cpulimit 20 %, fixed cgroup caps, immp --auto with the default
+    /// floor and 5 %, QEMU auto-converge), a service beside them; table, CSV/JSON and plots
+    /// in target/lab/ (docs/lab/ for full runs). Full: 3 repeats, about an hour; --quick: one
+    /// repeat of the main policies, about 10 minutes
     Migrate {
-        /// Writer: ring pages and compute per page (the `ring` workload)
-        #[arg(long, default_value = "49152,30000")]
-        ring: String,
-        /// Give up (migrate_cancel) after this many seconds
-        #[arg(long, default_value_t = 150)]
-        limit: u64,
-        /// Which guests to migrate
-        #[arg(long, value_delimiter = ',', default_value = "idle,writer,auto")]
-        scenarios: Vec<String>,
+        /// One repeat of the main policies (CI)
+        #[arg(long)]
+        quick: bool,
+        /// Repeats per configuration (default: 3, or 1 with --quick)
+        #[arg(long)]
+        repeats: Option<usize>,
+        /// Only these configurations (e.g. light/auto,light/cpulimit20) or workloads (light);
+        /// the idle ones always run
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Give up (migrate_cancel) on idle and light-writer migrations after this many seconds
+        #[arg(long, default_value_t = 120)]
+        light_limit: u64,
+        /// ... and on heavy-writer migrations (default 90, or 60 with --quick)
+        #[arg(long)]
+        heavy_limit: Option<u64>,
+        /// Copy the table and plots into docs/lab/ (default: yes for full runs, no for --quick)
+        #[arg(long)]
+        publish: Option<bool>,
+        /// Skip calibration: the writers' compute per page, LIGHT,HEAVY
+        #[arg(long, value_delimiter = ',')]
+        work: Option<Vec<u64>>,
     },
     /// CPU caps of 10/20/50 %: share and jitter per 100 ms, immp's cgroup cap vs SIGSTOP/SIGCONT
     Cap {
@@ -55,10 +72,22 @@ pub fn run(w: Which) -> anyhow::Result<()> {
         Which::Cap { seconds } => cap(seconds),
         Which::Exact => exact(),
         Which::Migrate {
-            ref ring,
-            limit,
-            ref scenarios,
-        } => migrate(ring, limit, scenarios),
+            quick,
+            repeats,
+            only,
+            light_limit,
+            heavy_limit,
+            publish,
+            work,
+        } => crate::lab::main(crate::lab::Opts {
+            quick,
+            repeats,
+            only,
+            light_limit,
+            heavy_limit: heavy_limit.unwrap_or(if quick { 60 } else { 90 }),
+            publish,
+            work: work.and_then(|w| Some((*w.first()?, *w.get(1)?))),
+        }),
     }
 }
 
@@ -371,63 +400,6 @@ fn exact() -> anyhow::Result<()> {
     );
     for l in out.lines().filter_map(|l| l.strip_prefix("IMMP-BENCH ")) {
         println!("  {l}");
-    }
-    Ok(())
-}
-
-fn migrate(ring: &str, limit: u64, scenarios: &[String]) -> anyhow::Result<()> {
-    let names: Vec<&str> = scenarios.iter().map(String::as_str).collect();
-    let runs = crate::vm::migrate_lab(&names, ring, Duration::from_secs(limit))?;
-    println!(
-        "bench migrate: 512 MiB guest, 1 vCPU (TCG), 100 Mbit/s, downtime limit 300 ms, ring writer {ring}"
-    );
-    println!(
-        "  {:<8} {:<14} {:>9} {:>10} {:>7} {:>10}  caps chosen by immp",
-        "guest", "result", "time", "downtime", "rounds", "sent"
-    );
-    for m in &runs {
-        println!(
-            "  {:<8} {:<14} {:>8.1}s {:>10} {:>7} {:>8.0}MB  {}",
-            m.scenario,
-            if m.completed {
-                "completed"
-            } else {
-                "NOT converged"
-            },
-            m.total_s,
-            m.downtime_ms.map_or_else(
-                || m.expected_downtime_ms
-                    .map_or("-".into(), |e| format!("(exp {e:.0}ms)")),
-                |d| format!("{d:.0}ms")
-            ),
-            m.rounds,
-            m.transferred_mb,
-            if m.caps.is_empty() {
-                "-".into()
-            } else {
-                m.caps
-                    .iter()
-                    .map(|c| format!("{c:.0}%"))
-                    .collect::<Vec<_>>()
-                    .join(" -> ")
-            }
-        );
-    }
-    let get = |n: &str| runs.iter().find(|m| m.scenario == n);
-    if let (Some(w), Some(a)) = (get("writer"), get("auto")) {
-        match (w.completed, a.completed) {
-            (true, true) => println!(
-                "  ratio: migration time with immp / without: {:.3}",
-                a.total_s / w.total_s
-            ),
-            (false, true) => println!(
-                "  ratio: without immp it did not converge in {limit} s; with immp it took {:.1} s",
-                a.total_s
-            ),
-            (_, false) => println!(
-                "  ratio: with immp it did not converge either (see the lab serial logs in target/vm)"
-            ),
-        }
     }
     Ok(())
 }

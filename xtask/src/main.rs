@@ -2,6 +2,7 @@
 //! Nothing in the product depends on this crate.
 mod bench;
 mod cpio;
+mod lab;
 mod setup;
 mod vm;
 

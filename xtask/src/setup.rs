@@ -22,6 +22,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("zlib1g-dev", "/usr/include/zlib.h"),
     // Benchmarks compare against the paper's tool; tests use setpriv (util-linux, always there).
     ("cpulimit", "/usr/bin/cpulimit"),
+    // `immp top`'s end-to-end tests drive the real TUI in a real terminal.
+    ("tmux", "/usr/bin/tmux"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -87,6 +89,25 @@ pub fn ensure_vm() -> anyhow::Result<()> {
     apt_install(&missing)
 }
 
+/// What the migration lab needs besides the guests': cpulimit (the paper's method, copied
+/// into the initramfs; also in PACKAGES) and a font for the plots' text.
+const LAB_PACKAGES: &[(&str, &str)] = &[
+    ("cpulimit", "/usr/bin/cpulimit"),
+    (
+        "fonts-dejavu-core",
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    ),
+];
+
+pub fn ensure_lab() -> anyhow::Result<()> {
+    let missing: Vec<&str> = LAB_PACKAGES
+        .iter()
+        .filter(|(_, f)| !Path::new(f).exists())
+        .map(|(p, _)| *p)
+        .collect();
+    apt_install(&missing)
+}
+
 /// Installs these Debian packages (nothing when the list is empty).
 fn apt_install(missing: &[&str]) -> anyhow::Result<()> {
     if missing.is_empty() {
@@ -100,5 +121,10 @@ fn apt_install(missing: &[&str]) -> anyhow::Result<()> {
             .args(["install", "-y", "-qq"])
             .args(missing),
     )
-    .context("apt-get install (are you root?)")
+    .with_context(|| {
+        format!(
+            "apt-get install {} failed (are you root? install them by hand)",
+            missing.join(" ")
+        )
+    })
 }

@@ -14,10 +14,10 @@ use flate2::Compression;
 
 use crate::{release_bin, root, run};
 
-const GUEST_RAM_MB: u32 = 512;
+pub const GUEST_RAM_MB: u32 = 512;
 const TIMEOUT: Duration = Duration::from_secs(480);
 
-fn vm_dir() -> PathBuf {
+pub fn vm_dir() -> PathBuf {
     root().join("target/vm")
 }
 
@@ -278,12 +278,18 @@ pub struct Boot {
 /// Fetches the kernel and builds its initramfs: busybox, immp, the workloads, the guest
 /// tests, their libraries, and the modules a RAM-disk ext2 needs on this kernel.
 pub fn prepare(k: &'static Kernel) -> anyhow::Result<Boot> {
+    prepare_as(k, "")
+}
+
+/// `prepare`, the initramfs named with `tag` (the lab's own, so that a vm-test started
+/// meanwhile never rewrites the file a lab guest is booting from).
+pub fn prepare_as(k: &'static Kernel, tag: &str) -> anyhow::Result<Boot> {
     let unpacked = k.fetch()?;
     let plan = module_plan(&unpacked)?;
     if !plan.builtin.is_empty() {
         eprintln!("vm: {}: built in: {}", k.name, plan.builtin.join(" "));
     }
-    let initrd = vm_dir().join(format!("initrd-{}.gz", k.name));
+    let initrd = vm_dir().join(format!("initrd-{tag}{}.gz", k.name));
     initramfs(&plan, &initrd).with_context(|| format!("initramfs for {}", k.name))?;
     Ok(Boot {
         package: unpacked.package,
@@ -299,7 +305,9 @@ fn initramfs(plan: &ModulePlan, out: &Path) -> anyhow::Result<()> {
     // Level 1, as `gzip -1` before: the archive is rebuilt every run, and speed wins.
     let gz = flate2::write::GzEncoder::new(std::io::BufWriter::new(file), Compression::fast());
     let mut w = crate::cpio::Writer::new(gz);
-    for d in ["bin", "proc", "sys", "dev", "tmp", "mnt", "modules"] {
+    for d in [
+        "bin", "proc", "sys", "dev", "tmp", "mnt", "modules", "usr", "usr/bin",
+    ] {
         w.dir(d)?;
     }
     w.file("init", 0o755, INIT.as_bytes())?;
@@ -308,6 +316,14 @@ fn initramfs(plan: &ModulePlan, out: &Path) -> anyhow::Result<()> {
         let src = release_bin(b);
         add_file(&mut w, &src, &format!("bin/{b}"))?;
         for lib in libs(&src)? {
+            add_file(&mut w, &lib, &lib.to_string_lossy())?;
+        }
+    }
+    // The paper's method, for the migration lab (installed by `cargo xtask setup`).
+    let cpulimit = Path::new("/usr/bin/cpulimit");
+    if cpulimit.exists() {
+        add_file(&mut w, cpulimit, "usr/bin/cpulimit")?;
+        for lib in libs(cpulimit)? {
             add_file(&mut w, &lib, &lib.to_string_lossy())?;
         }
     }
@@ -335,6 +351,7 @@ pub struct Guest {
     child: Child,
     pub log: PathBuf,
     pub qmp: PathBuf,
+    slot: Option<usize>,
 }
 
 impl Guest {
@@ -382,27 +399,29 @@ impl Guest {
         if let Some(port) = incoming {
             cmd.args(["-incoming", &format!("tcp:127.0.0.1:{port}")]);
         }
+        use std::os::unix::process::CommandExt as _;
+        // SAFETY: prctl is async-signal-safe; the child dies with us (even on SIGKILL).
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        // QEMU's own messages (a cancelled migration's destination complains) go to a file.
+        let stderr = std::fs::File::create(vm_dir().join(format!("{name}.qemu.log")))?;
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
+            .stderr(stderr)
             .spawn()
-            .context("starting qemu-system-x86_64")?;
-        Ok(Self { child, log, qmp })
-    }
-
-    /// Waits until the serial log contains `marker`.
-    pub fn wait_for(&mut self, marker: &str, timeout: Duration) -> anyhow::Result<()> {
-        let t = Instant::now();
-        while !self.serial().contains(marker) {
-            if self.exited() {
-                bail!("guest exited before {marker}; log {}", self.log.display());
-            }
-            if t.elapsed() > timeout {
-                bail!("no {marker} after {timeout:?}; log {}", self.log.display());
-            }
-            std::thread::sleep(Duration::from_millis(250));
-        }
-        Ok(())
+            .context("starting qemu-system-x86_64 (Debian package qemu-system-x86)")?;
+        let slot = live::register(child.id(), &qmp);
+        Ok(Self {
+            child,
+            log,
+            qmp,
+            slot,
+        })
     }
 
     pub fn serial(&self) -> String {
@@ -418,6 +437,90 @@ impl Drop for Guest {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        live::unregister(self.slot);
+        let _ = std::fs::remove_file(&self.qmp);
+    }
+}
+
+/// Sockets a killed run left (`prefix`: the guests' names).
+pub fn remove_stale_sockets(prefix: &str) {
+    for e in std::fs::read_dir(vm_dir()).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with(prefix) && name.ends_with(".qmp.sock") {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// An error once Ctrl-C (or SIGTERM, SIGHUP) arrived; the handler has killed every QEMU and
+/// removed their sockets already.
+pub fn check_interrupted() -> anyhow::Result<()> {
+    if live::INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// The QEMU processes alive, for the signal handler: Ctrl-C kills them, removes their QMP
+/// sockets and exits (128 + signal). QEMU also gets PR_SET_PDEATHSIG, for a SIGKILL of xtask.
+mod live {
+    use std::{
+        ffi::CString,
+        path::Path,
+        sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, Ordering},
+    };
+
+    const SLOTS: usize = 16;
+    static PIDS: [AtomicI32; SLOTS] = [const { AtomicI32::new(0) }; SLOTS];
+    static SOCKS: [AtomicPtr<libc::c_char>; SLOTS] =
+        [const { AtomicPtr::new(std::ptr::null_mut()) }; SLOTS];
+    pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+    extern "C" fn on_signal(sig: libc::c_int) {
+        INTERRUPTED.store(true, Ordering::SeqCst);
+        for i in 0..SLOTS {
+            let pid = PIDS[i].swap(0, Ordering::SeqCst);
+            if pid > 0 {
+                // SAFETY: kill and unlink are async-signal-safe; the path is a leaked CString.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            let p = SOCKS[i].swap(std::ptr::null_mut(), Ordering::SeqCst);
+            if !p.is_null() {
+                // SAFETY: as above.
+                unsafe { libc::unlink(p) };
+            }
+        }
+        let msg = b"\nxtask: interrupted: QEMU stopped, sockets removed\n";
+        // SAFETY: write and _exit are async-signal-safe.
+        unsafe {
+            libc::write(2, msg.as_ptr().cast(), msg.len());
+            libc::_exit(128 + sig);
+        }
+    }
+
+    pub fn register(pid: u32, sock: &Path) -> Option<usize> {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                // SAFETY: installs a handler that only calls async-signal-safe functions.
+                unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+            }
+        });
+        let i = PIDS.iter().position(|p| {
+            p.compare_exchange(0, pid as i32, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        })?;
+        // Leaked on purpose: the handler may read it at any time (a few bytes per guest).
+        let c = CString::new(sock.to_string_lossy().as_bytes()).ok()?;
+        SOCKS[i].store(c.into_raw(), Ordering::SeqCst);
+        Some(i)
+    }
+
+    pub fn unregister(slot: Option<usize>) {
+        if let Some(i) = slot {
+            SOCKS[i].store(std::ptr::null_mut(), Ordering::SeqCst);
+            PIDS[i].store(0, Ordering::SeqCst);
+        }
     }
 }
 
@@ -498,7 +601,7 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 /// Builds the release binaries once for every guest that follows.
-fn build() -> anyhow::Result<()> {
+pub fn build() -> anyhow::Result<()> {
     crate::setup::ensure_vm()?;
     run(crate::cargo().args(["build", "--release", "--workspace", "--bins"]))
 }
@@ -754,86 +857,4 @@ fn print_matrix(runs: &[KernelRun]) -> (u64, u64) {
         runs.len()
     );
     (passed as u64, failed as u64)
-}
-
-/// One live migration of a fresh guest running `scenario`, at 12.5 MB/s (100 Mbit/s) over
-/// 127.0.0.1, cancelled after `limit`.
-pub struct Migration {
-    pub scenario: String,
-    pub completed: bool,
-    pub total_s: f64,
-    pub downtime_ms: Option<f64>,
-    pub rounds: u64,
-    pub transferred_mb: f64,
-    pub expected_downtime_ms: Option<f64>,
-    pub caps: Vec<f64>,
-}
-
-pub fn migrate_lab(
-    scenarios: &[&str],
-    ring: &str,
-    limit: Duration,
-) -> anyhow::Result<Vec<Migration>> {
-    build()?;
-    let boot = prepare(&KERNELS[0])?;
-    let mut out = Vec::new();
-    for (i, sc) in scenarios.iter().enumerate() {
-        let words = format!("immp.lab={sc} IMMP_RING={ring}");
-        let port = 44440 + i as u16;
-        eprintln!("lab: {sc}: booting the source guest");
-        let mut src = Guest::start(&format!("src-{sc}"), &boot, &words, None)?;
-        src.wait_for("IMMP-LAB-READY", Duration::from_secs(300))?;
-        let dst = Guest::start(&format!("dst-{sc}"), &boot, &words, Some(port))?;
-        std::thread::sleep(Duration::from_secs(1));
-        let mut q = Qmp::connect(&src.qmp)?;
-        q.cmd(
-            "migrate-set-parameters",
-            serde_json::json!({"max-bandwidth": 12_500_000, "downtime-limit": 300}),
-        )?;
-        q.cmd(
-            "migrate",
-            serde_json::json!({"uri": format!("tcp:127.0.0.1:{port}")}),
-        )?;
-        eprintln!("lab: {sc}: migrating at 100 Mbit/s");
-        let t = Instant::now();
-        let (completed, last) = loop {
-            std::thread::sleep(Duration::from_millis(500));
-            let r = q.cmd("query-migrate", serde_json::json!({}))?;
-            match r["status"].as_str().unwrap_or("") {
-                "completed" => break (true, r),
-                "failed" => bail!("{sc}: migration failed: {r}"),
-                _ if t.elapsed() > limit => {
-                    let _ = q.cmd("migrate_cancel", serde_json::json!({}));
-                    break (false, r);
-                }
-                _ => {}
-            }
-        };
-        let caps: Vec<f64> = src
-            .serial()
-            .lines()
-            .filter(|l| l.contains("\"action\":\"cap\""))
-            .filter_map(|l| {
-                let v: serde_json::Value =
-                    serde_json::from_str(l.trim_start_matches("IMMP-LAB-EVENT ")).ok()?;
-                v["cap_pct"].as_f64()
-            })
-            .collect();
-        let ram = &last["ram"];
-        out.push(Migration {
-            scenario: sc.to_string(),
-            completed,
-            total_s: last["total-time"]
-                .as_f64()
-                .map_or(t.elapsed().as_secs_f64(), |ms| ms / 1e3),
-            downtime_ms: last["downtime"].as_f64(),
-            rounds: ram["dirty-sync-count"].as_u64().unwrap_or(0),
-            transferred_mb: ram["transferred"].as_f64().unwrap_or(0.0) / 1e6,
-            expected_downtime_ms: last["expected-downtime"].as_f64(),
-            caps,
-        });
-        drop(dst);
-        drop(src);
-    }
-    Ok(out)
 }
