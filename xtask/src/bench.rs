@@ -24,6 +24,10 @@ pub enum Which {
         procs: usize,
         #[arg(long, default_value_t = 20)]
         seconds: u64,
+        /// Measure `immp top` (the TUI, at 1 Hz in a tmux pseudo-terminal) instead of
+        /// `immp profile`
+        #[arg(long)]
+        top: bool,
     },
     /// Exact mode's cost, in the QEMU guest (soft-dirty): re-arm time per GiB of RSS, writer
     /// slowdown under 1 s windows
@@ -68,7 +72,8 @@ pub enum Which {
 pub fn run(w: Which) -> anyhow::Result<()> {
     match w {
         Which::Overhead { rounds } => overhead(rounds),
-        Which::Agent { procs, seconds } => agent(procs, seconds),
+        Which::Agent { procs, seconds, top: true } => agent_top(procs, seconds),
+        Which::Agent { procs, seconds, .. } => agent(procs, seconds),
         Which::Cap { seconds } => cap(seconds),
         Which::Exact => exact(),
         Which::Migrate {
@@ -243,6 +248,19 @@ fn proc_status_kb(pid: u32, key: &str) -> anyhow::Result<u64> {
         })
         .context("status key")?
         .context("status value")
+}
+
+/// `immp top`'s footprint: the TUI in a real pseudo-terminal (tmux) with `procs` idle
+/// processes, CPU % of one core and RSS (steady and peak); goal < 2 % and < 40 MB.
+fn agent_top(procs: usize, seconds: u64) -> anyhow::Result<()> {
+    crate::setup::ensure()?;
+    crate::run(
+        std::process::Command::new("sh")
+            .arg(crate::root().join("immp-user/examples/top_footprint.sh"))
+            .arg(procs.to_string())
+            .arg(seconds.to_string())
+            .current_dir(crate::root()),
+    )
 }
 
 fn agent(procs: usize, seconds: u64) -> anyhow::Result<()> {
