@@ -551,19 +551,14 @@ pub fn write(
         load_avg(),
         cal.immp_commit
     );
-    md.push_str(&format!(
-        "Guest: Debian 6.1, 512 MiB, 1 vCPU (TCG); link 100 Mbit/s (max-bandwidth 12.5 MB/s), downtime limit 300 ms. \
-         Writers: ring of 192 MiB, compute per page calibrated in this run ({:.2} ns per step + {:.1} µs per page): \
-         light WORK={} ({:.1} MB/s nominal; tries {}), heavy WORK={} ({:.1} MB/s nominal, {:.1} x the link). \
-         Service: {} requests/s over a socket pair, latency from each request's scheduled time. \
-         Rounds = QEMU's dirty-sync-count - 1. Writer and service throughput are over the migration, in host time.\n\n",
-        cal.per_step_ns,
-        cal.fixed_us,
-        cal.light_work,
-        cal.light_rate / 1e6,
-        if cal.light_tries.is_empty() {
-            "none".to_string()
-        } else {
+    let writers = if cal.per_step_ns > 0.0 {
+        format!(
+            "compute per page calibrated in this run ({:.2} ns per step + {:.1} µs per page): \
+             light WORK={} ({:.1} MB/s nominal; tries {}), heavy WORK={} ({:.1} MB/s nominal, {:.1} x the link)",
+            cal.per_step_ns,
+            cal.fixed_us,
+            cal.light_work,
+            cal.light_rate / 1e6,
             cal.light_tries
                 .iter()
                 .map(|(w, r)| format!(
@@ -571,11 +566,22 @@ pub fn write(
                     r.map_or("not converged".into(), |x| format!("{x:.1} x idle"))
                 ))
                 .collect::<Vec<_>>()
-                .join(", ")
-        },
-        cal.heavy_work,
-        cal.heavy_rate / 1e6,
-        cal.heavy_rate / super::BANDWIDTH,
+                .join(", "),
+            cal.heavy_work,
+            cal.heavy_rate / 1e6,
+            cal.heavy_rate / super::BANDWIDTH,
+        )
+    } else {
+        format!(
+            "compute per page given with --work (not calibrated): light WORK={}, heavy WORK={}",
+            cal.light_work, cal.heavy_work
+        )
+    };
+    md.push_str(&format!(
+        "Guest: Debian 6.1, 512 MiB, 1 vCPU (TCG); link 100 Mbit/s (max-bandwidth 12.5 MB/s), downtime limit 300 ms. \
+         Writers: ring of 192 MiB, {writers}. \
+         Service: {} requests/s over a socket pair, latency from each request's scheduled time. \
+         Rounds = QEMU's dirty-sync-count - 1. Writer and service throughput are over the migration, in host time.\n\n",
         super::SERVICE_RATE
     ));
     md.push_str(&table(&sums, idle_s));
