@@ -396,6 +396,33 @@ struct Ctl<'a> {
 }
 
 /// Corrects a cap in force from its measured rate against its budget.
+/// Over budget: a local correction from what the process really does under its cap (no
+/// model involved), unless it is at the floor or has had its changes this minute.
+fn over_budget(c: &Ctl, measured: f64, room: bool, report: String) -> (Action, String) {
+    let s = c.s;
+    let keep = Action::Keep { cap_pct: c.have };
+    if c.have <= s.floor_pct + 1e-9 {
+        return (
+            keep,
+            format!("{report}; at the floor, which prevents the goal"),
+        );
+    }
+    if !room {
+        let n = s.max_changes_per_min;
+        return (
+            keep,
+            format!("{report}; over budget, but {n} changes this minute already"),
+        );
+    }
+    let next = (c.have * c.budget / measured.max(1.0))
+        .max(s.floor_pct)
+        .min(c.want.max(s.floor_pct));
+    let cap = Action::Cap {
+        cap_pct: round_cap(next),
+    };
+    (cap, format!("{report}: over budget, tightened"))
+}
+
 fn control(c: &Ctl, t: &mut Track) -> (Action, String) {
     let s = c.s;
     let settled = !t.under_cap.is_empty();
@@ -409,31 +436,7 @@ fn control(c: &Ctl, t: &mut Track) -> (Action, String) {
     );
     if settled && measured > c.budget * (1.0 + s.tolerance) {
         t.calm = 0;
-        // Local correction from what it really does under this cap (no model involved).
-        let next = (c.have * c.budget / measured.max(1.0))
-            .max(s.floor_pct)
-            .min(c.want.max(s.floor_pct));
-        if c.have <= s.floor_pct + 1e-9 {
-            return (
-                Action::Keep { cap_pct: c.have },
-                format!("{report}; at the floor, which prevents the goal"),
-            );
-        }
-        if !room {
-            return (
-                Action::Keep { cap_pct: c.have },
-                format!(
-                    "{report}; over budget, but {} changes this minute already",
-                    s.max_changes_per_min
-                ),
-            );
-        }
-        return (
-            Action::Cap {
-                cap_pct: round_cap(next),
-            },
-            format!("{report}: over budget, tightened"),
-        );
+        return over_budget(c, measured, room, report);
     }
     if !settled && c.want < c.have - 0.5 {
         // Just set and the model already asks for less (another writer grew): tighten.
@@ -537,6 +540,34 @@ fn release(c: &Ctl, t: &mut Track, measured: f64, gone: bool) -> (Action, String
     (Action::Keep { cap_pct: c.have }, why)
 }
 
+/// Remembers a change (for the rate limit and for which measurements count) and keeps the
+/// caps in force up to date for the next process's budget.
+fn record(
+    a: &Action,
+    t: &mut Track,
+    snap: &Snapshot,
+    id: ProcId,
+    in_force: &mut BTreeMap<ProcId, f64>,
+) {
+    match a {
+        Action::Cap { cap_pct } => {
+            t.changes.push(snap.time_unix_ms);
+            t.changes.retain(|&c| c + 60_000 > snap.time_unix_ms);
+            t.changed_seq = Some(snap.seq);
+            t.under_cap.clear();
+            in_force.insert(id, *cap_pct);
+        }
+        Action::Lift => {
+            t.changes.push(snap.time_unix_ms);
+            t.changed_seq = Some(snap.seq);
+            t.uncapped = None; // measured afresh if it comes back
+            t.calm = 0;
+            in_force.remove(&id);
+        }
+        Action::Keep { .. } => {}
+    }
+}
+
 pub fn decide(
     snap: &Snapshot,
     s: &AutoSettings,
@@ -589,23 +620,7 @@ pub fn decide(
             }
             (None, None) => continue,
         };
-        match action {
-            Action::Cap { cap_pct } => {
-                t.changes.push(snap.time_unix_ms);
-                t.changes.retain(|&c| c + 60_000 > snap.time_unix_ms);
-                t.changed_seq = Some(snap.seq);
-                t.under_cap.clear();
-                in_force.insert(id, cap_pct);
-            }
-            Action::Lift => {
-                t.changes.push(snap.time_unix_ms);
-                t.changed_seq = Some(snap.seq);
-                t.uncapped = None; // measured afresh if it comes back
-                t.calm = 0;
-                in_force.remove(&id);
-            }
-            Action::Keep { .. } => {}
-        }
+        record(&action, t, snap, id, &mut in_force);
         decisions.push(Decision {
             pid: id.pid,
             start_time: id.start_time,

@@ -72,7 +72,11 @@ pub enum Which {
 pub fn run(w: Which) -> anyhow::Result<()> {
     match w {
         Which::Overhead { rounds } => overhead(rounds),
-        Which::Agent { procs, seconds, top: true } => agent_top(procs, seconds),
+        Which::Agent {
+            procs,
+            seconds,
+            top: true,
+        } => agent_top(procs, seconds),
         Which::Agent { procs, seconds, .. } => agent(procs, seconds),
         Which::Cap { seconds } => cap(seconds),
         Which::Exact => exact(),
