@@ -118,6 +118,23 @@ pub fn run_loop(
     }
 }
 
+/// Test hook: proves that a panic mid-run still lifts every cap (and, in `top`, restores the
+/// terminal): the guards' Drop runs while the panic unwinds. Only the test suite sets
+/// IMMP_TEST_PANIC_AFTER (ticks before the panic).
+pub fn test_panic_hook() {
+    use std::sync::atomic::AtomicU64;
+    static TICKS: AtomicU64 = AtomicU64::new(0);
+    let Some(n) = std::env::var("IMMP_TEST_PANIC_AFTER")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    else {
+        return;
+    };
+    if TICKS.fetch_add(1, Ordering::SeqCst) + 1 > n {
+        panic!("IMMP_TEST_PANIC_AFTER: injected panic");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

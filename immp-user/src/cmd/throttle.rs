@@ -237,7 +237,7 @@ impl Run<'_> {
     }
 
     fn tick(&mut self) -> anyhow::Result<Next> {
-        test_panic_hook();
+        super::run::test_panic_hook();
         let snap = self.sampler.as_mut().map(Sampler::sample);
         if let (true, Some(snap)) = (self.a.auto, &snap) {
             self.auto_step(snap)?;
@@ -411,21 +411,5 @@ impl Run<'_> {
             self.emit(e);
         }
         failed
-    }
-}
-
-/// Test hook: proves that a panic mid-run still lifts every cap (the Throttler's Drop runs
-/// while the panic unwinds). Only the test suite sets IMMP_TEST_PANIC_AFTER.
-fn test_panic_hook() {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static TICKS: AtomicU64 = AtomicU64::new(0);
-    let Some(n) = std::env::var("IMMP_TEST_PANIC_AFTER")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    else {
-        return;
-    };
-    if TICKS.fetch_add(1, Ordering::SeqCst) + 1 > n {
-        panic!("IMMP_TEST_PANIC_AFTER: injected panic");
     }
 }

@@ -393,7 +393,7 @@ where
 fn handle(m: Msg, app: &mut App, actor: &mut Actor) -> anyhow::Result<()> {
     match m {
         Msg::Snapshot(s) => {
-            test_panic_hook();
+            super::run::test_panic_hook();
             actor.on_snapshot(&s, app);
             app.on_snapshot(*s);
         }
@@ -709,20 +709,4 @@ fn local_clock(ms: u64) -> String {
         return crate::view::tui::state::utc_clock(ms);
     }
     format!("{:02}:{:02}:{:02}", tm.tm_hour, tm.tm_min, tm.tm_sec)
-}
-
-/// Test hook: proves that a panic mid-run restores the terminal and lifts every cap. Only the
-/// test suite sets IMMP_TEST_PANIC_AFTER (snapshots before the panic).
-fn test_panic_hook() {
-    use std::sync::atomic::AtomicU64;
-    static SNAPS: AtomicU64 = AtomicU64::new(0);
-    let Some(n) = std::env::var("IMMP_TEST_PANIC_AFTER")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-    else {
-        return;
-    };
-    if SNAPS.fetch_add(1, Ordering::SeqCst) + 1 > n {
-        panic!("IMMP_TEST_PANIC_AFTER: injected panic");
-    }
 }

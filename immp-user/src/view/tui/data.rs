@@ -10,8 +10,8 @@ use immp_model::{
     ProcId, Snapshot,
     event::Mechanism,
     impact::{Impact, assess},
-    policy::{AutoSettings, writer_for},
-    predict::{Link, Prediction, Writer, highest_cap, predict},
+    policy::AutoSettings,
+    predict::{Link, Prediction},
     rank::{RankSettings, Ranked, rank},
     snapshot::ProcSample,
 };
@@ -187,41 +187,9 @@ impl Data {
 }
 
 /// What `immp_model::impact::assess` computes for each of the busiest writers, for one
-/// process: the prediction without its dirtying, and the highest cap that alone makes the
-/// migration converge. The same writers, background and order as `assess`.
+/// process (converging at all is the goal, as in `profile`).
 pub fn impact_of(snap: &Snapshot, link: &Link, id: ProcId) -> Option<Impact> {
-    let page = snap.page_size as f64;
-    let mut writers: Vec<(ProcId, Writer)> = snap
-        .processes
-        .iter()
-        .filter(|p| !p.gone && p.dirty_bytes_per_s > 0.0)
-        .map(|p| (p.id(), writer_for(p, page)))
-        .collect();
-    writers.sort_by(|a, b| b.1.rate.total_cmp(&a.1.rate));
-    let cpu = writers.iter().find(|w| w.0 == id)?.1.cpu_pct;
-    let named: f64 = writers.iter().map(|(_, w)| w.rate).sum();
-    let rest = (snap.totals.dirty_bytes_per_s - named).max(0.0);
-    let eval = |skip: bool, cap: Option<f64>| {
-        let mut v: Vec<(Writer, Option<f64>)> = writers
-            .iter()
-            .filter(|(i, _)| !(skip && *i == id))
-            .map(|(i, w)| (w.clone(), cap.filter(|_| *i == id)))
-            .collect();
-        v.push((Writer::linear(rest, link.ram, 0.0), None));
-        predict(link, &v)
-    };
-    let cap_to_converge = if eval(false, None).within(None) {
-        None
-    } else {
-        highest_cap(cpu.floor(), 1.0, |c| {
-            eval(false, Some(c)).within(None).then_some(())
-        })
-        .map(|(c, ())| c)
-    };
-    Some(Impact {
-        without_it: eval(true, None),
-        cap_to_converge,
-    })
+    immp_model::impact::impact_of(snap, link, None, id)
 }
 
 /// `snap` as it would be without the caps: each capped process at the rate, CPU and resident
