@@ -56,13 +56,15 @@ impl Screen {
         }
     }
 
+    /// The screen, wrapped lines joined (-J): after a SIGKILL the terminal stays raw, the
+    /// shell's lines run on past the right edge and a word can wrap in the middle.
     fn text(&self) -> String {
-        String::from_utf8_lossy(&self.tmux(&["capture-pane", "-p"]).stdout).into_owned()
+        String::from_utf8_lossy(&self.tmux(&["capture-pane", "-p", "-J"]).stdout).into_owned()
     }
 
     /// The screen and what scrolled off it (the shell's lines after immp ended).
     fn all_text(&self) -> String {
-        let o = self.tmux(&["capture-pane", "-p", "-S", "-500"]);
+        let o = self.tmux(&["capture-pane", "-p", "-J", "-S", "-500"]);
         String::from_utf8_lossy(&o.stdout).into_owned()
     }
 
@@ -262,7 +264,8 @@ fn after_sigkill_restore_puts_the_writer_back() {
     cap_20(&s, pid, &original);
     // SAFETY: kill(2) on immp, a process this test started.
     unsafe { libc::kill(s.immp_pid() as i32, libc::SIGKILL) };
-    s.wait("immp to be killed", |t| t.contains("IMMP-EXIT=137"));
+    // Raw mode outlives a SIGKILL: no carriage returns, so match across line ends too.
+    s.wait("immp to be killed", |t| t.replace('\n', "").contains("IMMP-EXIT=137"));
     assert_ne!(cpu_cgroup(pid), original, "nothing could lift it");
     let o = Command::new(immp_bin())
         .args(["restore", "--format", "json", "--journal-dir"])
