@@ -8,6 +8,7 @@ use immp_model::{predict::Link, units};
 use crate::{
     act::mechanism::MechanismChoice,
     collect::{
+        nonzero,
         probes::{FlavourChoice, ProbeOptions, Probes},
         procfs,
         sampler::ModeChoice,
@@ -140,8 +141,9 @@ pub struct LinkArgs {
     /// Migration link bandwidth (e.g. 100Mbit, 1Gbit, 12.5MB/s)
     #[arg(long, value_parser = bandwidth)]
     pub bandwidth: Option<f64>,
-    /// What an idle migration sends in its first round (e.g. 512MB); default: memory in use
-    /// (MemTotal - MemFree: untouched pages are zero pages, almost free to send)
+    /// What an idle migration sends in its first round (e.g. 512MB); default: the guest's
+    /// non-zero memory, sampled from /proc/kcore (zero pages are almost free to send; freed
+    /// pages keep their bytes), or memory in use where kcore cannot be read
     #[arg(long, value_parser = bytes)]
     pub ram: Option<f64>,
     /// Downtime limit of the migration (stop-and-copy), as in QEMU
@@ -154,7 +156,7 @@ pub struct LinkArgs {
 
 impl LinkArgs {
     pub fn link(&self) -> Option<Link> {
-        let ram = self.ram.unwrap_or_else(procfs::mem_used);
+        let ram = self.ram.unwrap_or_else(|| nonzero::round_zero().bytes());
         self.bandwidth.map(|bw| Link::new(bw, ram, self.downtime))
     }
 }

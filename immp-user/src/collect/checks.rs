@@ -103,12 +103,41 @@ pub fn run() -> Report {
         usable = ok;
     }
     checks.push(softdirty_check());
+    checks.push(round_zero_check());
     checks.extend(cgroup_checks());
     checks.push(tracefs_check());
     Report {
         kernel,
         checks,
         usable: root && usable,
+    }
+}
+
+/// Round 0 of a migration: the non-zero memory a hypervisor sends first, which every
+/// prediction (and `--auto`'s default goal) starts from.
+fn round_zero_check() -> Check {
+    use super::nonzero::{RoundZero, round_zero};
+    let mb = |b: f64| b / 1e6;
+    match round_zero() {
+        RoundZero::Sampled(e) => check(
+            "round-zero",
+            Status::Ok,
+            format!(
+                "{:.0} MB of {:.0} MB RAM non-zero ({} of {} pages sampled from /proc/kcore)",
+                mb(e.bytes),
+                mb(e.ram_bytes),
+                e.nonzero,
+                e.samples
+            ),
+            "predictions start from what the hypervisor really sends first",
+        ),
+        RoundZero::InUse(b, why) => check(
+            "round-zero",
+            Status::Warn,
+            format!("{why}: memory in use, {:.0} MB (a lower bound)", mb(b)),
+            "predictions may run short: freed pages keep their bytes and are sent too; \
+             give --ram what an idle migration of this guest sent",
+        ),
     }
 }
 

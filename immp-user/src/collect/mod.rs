@@ -4,6 +4,7 @@
 pub mod btf;
 pub mod checks;
 pub mod cpu;
+pub mod nonzero;
 pub mod probes;
 pub mod procfs;
 pub mod sampler;
