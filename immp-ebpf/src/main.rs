@@ -1,8 +1,10 @@
 //! immp's kernel side: per-TGID counters of write faults (new page / write-protect), read faults
 //! and page-cache pages dirtied, reaped at process exit.
 //!
-//! Two attach flavours of the same handlers: BTF tracepoints (`tp_btf`, preferred: typed args,
-//! folio size known) and classic tracepoints (fallback where BTF programs cannot load). kprobes
+//! Two attach flavours of the same handlers: raw tracepoints (preferred: the tracepoint's own
+//! arguments, so a folio's size can be read; user space checks them against the kernel's BTF)
+//! and classic tracepoints (fallback: the trace record only). Not `tp_btf`: attaching one
+//! needs the kernel BTF parsed in the agent, tens of MB a migration would then resend. kprobes
 //! and fentry are deliberately not used: hardened kernels (lockdown) refuse them.
 #![no_std]
 #![no_main]
@@ -16,9 +18,9 @@ use aya_ebpf::{
     Global,
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_boot_ns, bpf_probe_read_kernel},
-    macros::{btf_tracepoint, map, tracepoint},
+    macros::{map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, LruHashMap, RingBuf},
-    programs::{BtfTracePointContext, TracePointContext},
+    programs::{RawTracePointContext, TracePointContext},
 };
 use immp_common::{
     Counters, ExitEvent, PageKey, fault,
@@ -204,33 +206,33 @@ fn folio_pages(folio: u64) -> u64 {
     }
 }
 
-// ---- BTF tracepoints (preferred) ----
+// ---- raw tracepoints (preferred) ----
 
 /// page_fault_user(unsigned long address, struct pt_regs *regs, unsigned long error_code)
-#[btf_tracepoint(function = "page_fault_user")]
-pub fn fault_user_btf(ctx: BtfTracePointContext) -> i32 {
+#[raw_tracepoint(tracepoint = "page_fault_user")]
+pub fn fault_user_btf(ctx: RawTracePointContext) -> i32 {
     on_fault(ctx.arg::<u64>(0), ctx.arg::<u64>(2));
     0
 }
 
 /// page_fault_kernel: the kernel touching user memory on a process's behalf (read() into a
 /// fresh buffer, copy_to_user) dirties that process's pages too.
-#[btf_tracepoint(function = "page_fault_kernel")]
-pub fn fault_kernel_btf(ctx: BtfTracePointContext) -> i32 {
+#[raw_tracepoint(tracepoint = "page_fault_kernel")]
+pub fn fault_kernel_btf(ctx: RawTracePointContext) -> i32 {
     on_fault(ctx.arg::<u64>(0), ctx.arg::<u64>(2));
     0
 }
 
 /// writeback_dirty_folio(struct folio *folio, struct address_space *mapping)
-#[btf_tracepoint(function = "writeback_dirty_folio")]
-pub fn dirty_folio_btf(ctx: BtfTracePointContext) -> i32 {
+#[raw_tracepoint(tracepoint = "writeback_dirty_folio")]
+pub fn dirty_folio_btf(ctx: RawTracePointContext) -> i32 {
     on_dirty(folio_pages(ctx.arg::<u64>(0)));
     0
 }
 
 /// sched_process_exit(struct task_struct *p, ...): runs in the exiting task's context.
-#[btf_tracepoint(function = "sched_process_exit")]
-pub fn exit_btf(_ctx: BtfTracePointContext) -> i32 {
+#[raw_tracepoint(tracepoint = "sched_process_exit")]
+pub fn exit_btf(_ctx: RawTracePointContext) -> i32 {
     on_exit();
     0
 }

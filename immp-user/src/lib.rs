@@ -7,6 +7,7 @@
 //! - `view`: renders events (table, JSON lines, CSV);
 //! - `cmd`: one file per subcommand, owning its arguments, wiring the others together.
 pub mod act;
+pub mod alloc;
 pub mod cmd;
 pub mod collect;
 pub mod error;

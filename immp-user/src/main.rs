@@ -57,32 +57,6 @@ fn one_line(e: &clap::Error) -> String {
     first.to_string()
 }
 
-/// The system allocator, zeroing what is freed. immp runs inside the guest it measures, and
-/// the pages it frees (the kernel's BTF is parsed at start, tens of MB) go back to the guest's
-/// free memory with their contents: a migration resends them. Zeroed, they are zero pages,
-/// which QEMU sends as a few bytes each.
-struct ZeroOnFree;
-
-// SAFETY: delegates to the system allocator; zeroing writes only within the block being freed.
-unsafe impl std::alloc::GlobalAlloc for ZeroOnFree {
-    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
-        // SAFETY: same contract as the caller's.
-        unsafe { std::alloc::System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
-        // SAFETY: `ptr` points to `layout.size()` bytes we own until this call returns.
-        unsafe {
-            std::ptr::write_bytes(ptr, 0, layout.size());
-            std::alloc::System.dealloc(ptr, layout)
-        }
-    }
-
-    unsafe fn alloc_zeroed(&self, layout: std::alloc::Layout) -> *mut u8 {
-        // SAFETY: same contract as the caller's.
-        unsafe { std::alloc::System.alloc_zeroed(layout) }
-    }
-}
-
+/// Zeroes what is freed and gives scratch scopes back as zero pages: see `immp::alloc`.
 #[global_allocator]
-static ALLOC: ZeroOnFree = ZeroOnFree;
+static ALLOC: immp::alloc::ZeroOnFree = immp::alloc::ZeroOnFree;

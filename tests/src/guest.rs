@@ -398,6 +398,63 @@ fn round_zero() -> Outcome {
     )
 }
 
+/// What running immp adds to round 0 of a migration: the guest's non-zero memory (a full
+/// /proc/kcore scan) before and after a 3 s `immp profile` (start-up, probes loaded, three
+/// intervals, exit). Reported, with a loose bound; the lab measures it in real migrations.
+fn own_footprint() -> Outcome {
+    use immp::collect::nonzero::Kcore;
+    let k = Kcore::open().map_err(|e| format!("/proc/kcore: {e}"))?;
+    let all = (k.ram_bytes() / 4096) as usize;
+    let scan = |seed| {
+        k.estimate(all, seed)
+            .map(|e| e.bytes)
+            .map_err(|e| e.to_string())
+    };
+    let before = scan(1)?;
+    let t = Instant::now();
+    let o = Command::new(IMMP)
+        .args(["profile", "--duration", "3s", "--format", "json"])
+        .env("IMMP_JOURNAL_DIR", "/tmp/journal")
+        .output()
+        .map_err(|e| e.to_string())?;
+    let took = t.elapsed().as_secs_f64();
+    let after = scan(2)?;
+    let mb = (after - before) / 1e6;
+    check(
+        o.status.success() && mb < 64.0,
+        format!("immp profile 3s ({took:.1}s): round 0 grew by {mb:.1} MB"),
+    )
+}
+
+/// `cargo xtask vm-test footprint-parts`: round-0 growth of several immp commands, one after
+/// the other, to see where immp's own footprint comes from.
+fn footprint_parts() -> Outcome {
+    use immp::collect::nonzero::Kcore;
+    let k = Kcore::open().map_err(|e| format!("/proc/kcore: {e}"))?;
+    let all = (k.ram_bytes() / 4096) as usize;
+    let scan = || k.estimate(all, 1).map(|e| e.bytes).unwrap_or(0.0);
+    let runs: [&[&str]; 5] = [
+        &["restore"],
+        &["profile", "--probes", "tracepoint", "--duration", "3s"],
+        &["profile", "--probes", "tracepoint", "--duration", "3s"],
+        &["profile", "--duration", "3s"],
+        &["profile", "--duration", "3s"],
+    ];
+    let mut out = Vec::new();
+    for args in runs {
+        let before = scan();
+        let o = Command::new(IMMP)
+            .args(args)
+            .env("IMMP_JOURNAL_DIR", "/tmp/journal")
+            .stdout(Stdio::null())
+            .output()
+            .map_err(|e| e.to_string())?;
+        let mb = (scan() - before) / 1e6;
+        out.push(format!("{} {}: {mb:+.1} MB", args.join(" "), o.status));
+    }
+    Ok(out.join("; "))
+}
+
 fn doctor() -> Outcome {
     let o = Command::new(IMMP)
         .args(["doctor", "--format", "json"])
@@ -712,8 +769,12 @@ fn main() {
         ("throttle-v2", throttle_v2),
         ("qemu-rate", qemu_rate),
         ("round-zero", round_zero),
+        ("own-footprint", own_footprint),
     ];
-    let extra: Vec<Test> = vec![("bench-exact", bench_exact)];
+    let extra: Vec<Test> = vec![
+        ("bench-exact", bench_exact),
+        ("footprint-parts", footprint_parts),
+    ];
     let want: Vec<String> = std::env::args().skip(1).collect();
     if let Some(scenario) = want.first().and_then(|w| w.strip_prefix("lab-")) {
         lab(scenario);

@@ -7,7 +7,7 @@ use anyhow::{Context as _, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, RingBuf},
-    programs::{BtfTracePoint, TracePoint},
+    programs::{RawTracePoint, TracePoint},
 };
 use immp_common::{Counters, ExitEvent, globals, maps, stats};
 use serde::Serialize;
@@ -125,8 +125,26 @@ impl Probes {
         }
     }
 
+    /// aya's `EbpfLoader::new()` parses the whole kernel BTF (tens of MB of small blocks, and
+    /// most of immp's start-up CPU) for CO-RE relocations this object does not have: kernel
+    /// offsets come from our own BTF scan, as globals. The loader is made where that parse
+    /// fails at once (a thread of its own, in a private mount namespace where
+    /// /sys/kernel/btf is an empty directory), or else in a scratch scope whose pages go back
+    /// as zero pages (see `crate::alloc`).
+    fn new_loader<'a>() -> EbpfLoader<'a> {
+        if let Some(l) = loader_without_kernel_btf() {
+            return l;
+        }
+        crate::alloc::scratch(|| {
+            let mut l = EbpfLoader::new();
+            l.btf(None);
+            l
+        })
+        .0
+    }
+
     fn loader(opts: &ProbeOptions, folio: Option<FolioLayout>) -> anyhow::Result<Ebpf> {
-        let mut loader = EbpfLoader::new();
+        let mut loader = Self::new_loader();
         loader.map_max_entries(maps::COUNTERS, opts.max_procs.max(1));
         let (off, bit) = folio.map_or((0u32, 0u32), |f| (f.nr_pages_offset, f.pg_head_bit));
         loader.override_global(globals::FOLIO_NR_PAGES_OFFSET, &off, true);
@@ -136,38 +154,39 @@ impl Probes {
             .map_err(|e| anyhow!("loading the eBPF object failed: {e}"))
     }
 
+    /// Raw tracepoints, checked against the kernel's BTF: BTF says which tracepoints exist and
+    /// where a folio keeps its page count. (Raw rather than `tp_btf` programs: the same
+    /// arguments, but no BTF type id to attach, so no BTF parser in memory.)
     fn load_btf(opts: &ProbeOptions) -> anyhow::Result<Self> {
-        // One read of the kernel's BTF: immp's own scanner takes the few facts it needs in
-        // place, and aya parses the same bytes (it needs the tracepoints' type ids). Every page
-        // allocated here is a page the migration sends: dropped and trimmed right after.
-        let kbtf = btfinfo::load_vmlinux()?;
-        let present: Vec<bool> = HOOKS
-            .iter()
-            .map(|h| btfinfo::has_tracepoint(&kbtf, h.name))
-            .collect();
-        let folio = btfinfo::folio_layout(&kbtf);
-        let btf = aya::Btf::parse(kbtf.bytes(), aya::Endianness::default())
-            .context("reading kernel BTF for aya")?;
-        drop(kbtf);
+        // The kernel's BTF is read once, in a scratch scope: only the facts leave it.
+        let (facts, _) = crate::alloc::scratch(|| -> anyhow::Result<_> {
+            let kbtf = btfinfo::load_vmlinux()?;
+            let mut present = [false; HOOKS.len()];
+            for (p, h) in present.iter_mut().zip(HOOKS) {
+                *p = btfinfo::has_tracepoint(&kbtf, h.name);
+            }
+            Ok((present, btfinfo::folio_layout(&kbtf)))
+        });
+        let (present, folio) = facts?;
         let mut ebpf = Self::loader(opts, folio)?;
         let mut hooks = BTreeMap::new();
         for (h, present) in HOOKS.iter().zip(present) {
             if !present {
                 if h.required {
-                    bail!("kernel has no BTF tracepoint {}", h.name);
+                    bail!("kernel has no tracepoint {} in its BTF", h.name);
                 }
                 hooks.insert(h.name.to_string(), Err("not in this kernel".into()));
                 continue;
             }
             let res = (|| -> anyhow::Result<()> {
-                let prog: &mut BtfTracePoint = ebpf
+                let prog: &mut RawTracePoint = ebpf
                     .program_mut(h.btf_prog)
                     .ok_or_else(|| anyhow!("program {} missing from object", h.btf_prog))?
                     .try_into()?;
-                prog.load(h.name, &btf)
-                    .with_context(|| format!("loading tp_btf/{}", h.name))?;
-                prog.attach()
-                    .with_context(|| format!("attaching tp_btf/{}", h.name))?;
+                prog.load()
+                    .with_context(|| format!("loading raw_tp/{}", h.name))?;
+                prog.attach(h.name)
+                    .with_context(|| format!("attaching raw_tp/{}", h.name))?;
                 Ok(())
             })();
             match res {
@@ -177,8 +196,6 @@ impl Probes {
                 }
             }
         }
-        drop(btf);
-        trim_heap();
         let report = ProbeReport {
             flavour: Flavour::Btf,
             hooks,
@@ -345,9 +362,44 @@ fn raise_memlock() {
     unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
 }
 
-fn trim_heap() {
-    // SAFETY: malloc_trim only releases free heap pages; no pointers are invalidated.
-    unsafe { libc::malloc_trim(0) };
+/// An `EbpfLoader` made in a short-lived thread that cannot see /sys/kernel/btf: its own mount
+/// namespace (unshare affects this thread only), every mount private (nothing propagates to
+/// the system), an empty tmpfs over the BTF directory. None where any step is refused.
+fn loader_without_kernel_btf<'a>() -> Option<EbpfLoader<'a>> {
+    let hide = || -> Option<()> {
+        let c = |s: &str| std::ffi::CString::new(s).ok();
+        let (root, dir, fs) = (c("/")?, c("/sys/kernel/btf")?, c("tmpfs")?);
+        let none = std::ptr::null();
+        // SAFETY: plain syscalls on this thread with valid C strings; the namespace dies with
+        // the thread.
+        let ok = unsafe {
+            libc::unshare(libc::CLONE_NEWNS) == 0
+                && libc::mount(
+                    none,
+                    root.as_ptr(),
+                    none,
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    none.cast(),
+                ) == 0
+                && libc::mount(
+                    fs.as_ptr(),
+                    dir.as_ptr(),
+                    fs.as_ptr(),
+                    libc::MS_RDONLY,
+                    none.cast(),
+                ) == 0
+        };
+        ok.then_some(())
+    };
+    std::thread::spawn(move || {
+        hide()?;
+        let mut l = EbpfLoader::new();
+        l.btf(None);
+        Some(l)
+    })
+    .join()
+    .ok()
+    .flatten()
 }
 
 const TRACEFS: &str = "/sys/kernel/tracing";
