@@ -52,7 +52,7 @@ pub struct Sample {
     pub mode: Mode,
     pub mode_note: &'static str,
     pub probes: Flavour,
-    /// Why BTF tracepoints were not used (classic tracepoints in their place).
+    /// Why the BTF-checked raw tracepoints were not used (classic tracepoints in their place).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub probes_fallback: Option<String>,
     pub folio_pages_known: bool,
@@ -402,7 +402,7 @@ impl Sample {
         if let Some(why) = &self.probes_fallback {
             writeln!(
                 f,
-                "probes: classic tracepoints because BTF tracepoints failed: {}",
+                "probes: classic tracepoints because raw tracepoints failed: {}",
                 clean(why)
             )?;
         }

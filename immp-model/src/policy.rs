@@ -287,6 +287,7 @@ fn writer_of(p: &ProcSample, t: &Track, cap: Option<f64>, margin: f64, page: f64
     Writer {
         rate: rate * margin,
         working_set: p.rss_bytes.max(4096) as f64,
+        growth: p.rates.write_new * page * margin,
         cpu_pct: cpu,
         curve: p
             .curve

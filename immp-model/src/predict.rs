@@ -55,8 +55,11 @@ pub fn highest_cap<T>(
 pub struct Writer {
     /// Dirty rate uncapped, bytes/s.
     pub rate: f64,
-    /// Upper bound of distinct bytes it can dirty (its resident set).
+    /// Distinct bytes it has to dirty now (its resident set).
     pub working_set: f64,
+    /// How fast that grows, bytes/s: pages it touches for the first time (a writer in its
+    /// first pass over a buffer is bounded by what it will have touched, not by its RSS).
+    pub growth: f64,
     /// CPU share it uses uncapped, percent of one CPU.
     pub cpu_pct: f64,
     /// Measured distinct bytes dirtied per window length (window_s, bytes), increasing windows;
@@ -73,6 +76,7 @@ impl Writer {
         Self {
             rate,
             working_set,
+            growth: 0.0,
             cpu_pct,
             curve: Vec::new(),
             response: Vec::new(),
@@ -127,7 +131,7 @@ impl Writer {
             [] => self.rate * te,
             pts => interpolate(pts, te),
         };
-        bytes.min(self.working_set).max(0.0)
+        bytes.min(self.working_set + self.growth * te).max(0.0)
     }
 }
 
@@ -271,6 +275,7 @@ mod tests {
         let w = Writer {
             rate: 20e6,
             working_set: 50e6,
+            growth: 0.0,
             cpu_pct: 100.0,
             curve: pts,
             response: Vec::new(),
@@ -291,6 +296,20 @@ mod tests {
             (streaming.dirtied(10.0, None) - 50e6).abs() < 1.0,
             "linear continuation"
         );
+    }
+
+    /// A first pass over a large buffer: 20 MB resident now, every write a new page. Its
+    /// round is bounded by what it will have touched by then, not by today's RSS.
+    #[test]
+    fn a_growing_writer_is_not_bounded_by_its_resident_set() {
+        let w = Writer {
+            growth: 10e6,
+            ..Writer::linear(10e6, 20e6, 100.0)
+        };
+        assert_eq!(w.dirtied(5.0, None), 50e6);
+        let rewriter = Writer::linear(10e6, 20e6, 100.0);
+        assert_eq!(rewriter.dirtied(5.0, None), 20e6);
+        assert_eq!(w.dirtied(5.0, Some(50.0)), 25e6, "a cap slows the growth too");
     }
 
     #[test]

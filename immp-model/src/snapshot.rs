@@ -43,7 +43,8 @@ impl std::fmt::Display for Mode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Flavour {
-    /// BTF tracepoints (tp_btf): typed arguments, folio sizes known.
+    /// Raw tracepoints checked against the kernel's BTF: the tracepoints' own arguments,
+    /// folio sizes known.
     Btf,
     /// Classic tracepoints (perf events on tracefs): no folio size, each dirtied folio = 1 page.
     Tracepoint,
@@ -176,7 +177,7 @@ pub struct Snapshot {
     pub interval_s: f64,
     pub mode: Mode,
     pub probes: Flavour,
-    /// Why BTF tracepoints were not used, when classic tracepoints were chosen for want of them.
+    /// Why the BTF-checked raw tracepoints were not used, when classic tracepoints were chosen for want of them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub probes_fallback: Option<String>,
     /// Whether large folios count all their pages (else each dirtied folio counts one page).

@@ -57,9 +57,9 @@ impl From<EventFormat> for Format {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ProbesArg {
-    /// BTF tracepoints where they load, classic tracepoints otherwise
+    /// Raw tracepoints (checked against the kernel's BTF) where they load, classic ones otherwise
     Auto,
-    /// BTF tracepoints (tp_btf) only
+    /// Raw tracepoints checked against BTF (folio sizes known) only
     Btf,
     /// Classic tracepoints (tracefs) only
     Tracepoint,

@@ -179,7 +179,7 @@ fn btf_checks() -> Vec<Check> {
             "btf",
             Status::Ok,
             btf::VMLINUX_BTF,
-            "BTF tracepoints (tp_btf) can be used",
+            "tracepoints and folio layout can be checked in BTF (raw tracepoints)",
         ),
         Err(e) => check(
             "btf",
@@ -243,11 +243,11 @@ fn probe_checks() -> (Vec<Check>, bool) {
         checks.push(c);
     }
     checks.push(match btf_error {
-        None => check("probes-auto", Status::Ok, "BTF tracepoints load", "--probes auto uses btf"),
+        None => check("probes-auto", Status::Ok, "raw tracepoints (BTF-checked) load", "--probes auto uses btf"),
         Some(e) => check(
             "probes-auto",
             Status::Warn,
-            format!("BTF tracepoints failed: {e}"),
+            format!("raw tracepoints failed: {e}"),
             "--probes auto falls back to classic tracepoints (this reason is in every output's fallback_reason)",
         ),
     });

@@ -21,9 +21,10 @@ use std::{
 
 /// Pages read per estimate.
 pub const SAMPLES: usize = 4096;
-/// An estimate is reused this long: memory contents change slowly next to a 1 s interval,
-/// and a long-running agent should not read 16 MiB of RAM every second.
-const REFRESH: Duration = Duration::from_secs(30);
+/// An estimate is reused this long: a long-running agent should not read 16 MiB of RAM every
+/// second, but a writer's first pass over a buffer grows round 0 by MB a second (in the lab,
+/// 30 MB between immp's start and the migration's).
+const REFRESH: Duration = Duration::from_secs(5);
 const PAGE: u64 = 4096;
 
 /// One estimate of the guest's non-zero memory.

@@ -1,4 +1,4 @@
-//! Loads immp's eBPF object, attaches its programs (BTF tracepoints, or classic tracepoints as a
+//! Loads immp's eBPF object, attaches its programs (raw tracepoints checked against BTF, or classic tracepoints as a
 //! fallback), and gives typed access to the maps. Dropping `Probes` detaches everything; if the
 //! process is killed, the kernel detaches them when the file descriptors close.
 use std::{collections::BTreeMap, path::Path};
@@ -61,7 +61,7 @@ struct Hook {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FlavourChoice {
-    /// BTF tracepoints where they load, classic tracepoints otherwise.
+    /// Raw tracepoints (BTF-checked) where they load, classic tracepoints otherwise.
     #[default]
     Auto,
     Btf,
@@ -120,7 +120,7 @@ impl Probes {
             FlavourChoice::Auto => match Self::load_btf(opts) {
                 Ok(p) => Ok(p),
                 Err(e) => Self::load_tracepoints(opts, Some(format!("{e:#}")))
-                    .with_context(|| format!("BTF tracepoints failed too ({e:#})")),
+                    .with_context(|| format!("raw tracepoints failed too ({e:#})")),
             },
         }
     }
