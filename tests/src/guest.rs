@@ -366,7 +366,11 @@ fn round_zero() -> Outcome {
             .map(|e| e.bytes)
             .map_err(|e| e.to_string())
     };
-    let (full0, sampled, used0) = (scan(all, 1)?, scan(4096, 7)?, mem_used());
+    let full0 = scan(all, 1)?;
+    let t = Instant::now();
+    let sampled = scan(4096, 7)?;
+    let sample_ms = t.elapsed().as_secs_f64() * 1e3;
+    let used0 = mem_used();
     let mut x = 0x9e37_79b9_7f4a_7c15u64;
     let data: Vec<u8> = (0..64 << 20)
         .map(|_| {
@@ -387,8 +391,8 @@ fn round_zero() -> Outcome {
             && mib(full1 - full0) >= 0.9 * 64.0
             && mib(used1 - used0).abs() < 32.0,
         format!(
-            "RAM {ram:.0} MiB; non-zero {:.0} MiB (sampled {:.0}), after 64 MiB written and \
-             freed {:.0} MiB; in use {:.0} -> {:.0} MiB",
+            "RAM {ram:.0} MiB; non-zero {:.0} MiB (sampled {:.0} in {sample_ms:.0} ms), after \
+             64 MiB written and freed {:.0} MiB; in use {:.0} -> {:.0} MiB",
             mib(full0),
             mib(sampled),
             mib(full1),

@@ -52,13 +52,13 @@ pub struct ThrottleArgs {
     /// Lowest cap the automatic policy may set (QoS floor)
     #[arg(long, default_value = "15%", value_parser = args::cap)]
     pub floor: f64,
-    /// Migration time to achieve (e.g. 60s); default: 1.3 x the idle guest's migration time
-    /// (memory in use / bandwidth), shown at start
+    /// Migration time to achieve (e.g. 60s); default: 1.25 x the idle guest's migration time
+    /// (its non-zero memory / bandwidth), shown at start
     #[arg(long, value_parser = args::positive_duration)]
     pub target: Option<Duration>,
     /// Share of the dirtying the counts may miss (kernel work on a process's behalf, noise):
     /// measured rates are planned as rate / (1 - headroom)
-    #[arg(long, default_value = "30%", value_parser = args::headroom)]
+    #[arg(long, default_value = "15%", value_parser = args::headroom)]
     pub headroom: f64,
     /// Lift all caps after this long (e.g. 10m): a deadline; default: until Ctrl-C
     #[arg(long, value_parser = args::positive_duration)]
