@@ -10,6 +10,7 @@ pub mod act;
 pub mod cmd;
 pub mod collect;
 pub mod error;
+pub mod host;
 pub mod pidfd;
 pub mod view;
 
