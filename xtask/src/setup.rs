@@ -78,6 +78,9 @@ const VM_PACKAGES: &[(&str, &str)] = &[
     ("busybox-static", "/bin/busybox"),
     // Debian's 6.12 modules are .ko.xz; the initramfs gets them decompressed.
     ("xz-utils", "/usr/bin/xz"),
+    // The guest agent (copied into the guest image with its libraries): the lab's
+    // `host-triggered` policy drives immp in the guest through it (`immp host watch`).
+    ("qemu-guest-agent", "/usr/sbin/qemu-ga"),
 ];
 
 pub fn ensure_vm() -> anyhow::Result<()> {
