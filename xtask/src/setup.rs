@@ -24,6 +24,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("cpulimit", "/usr/bin/cpulimit"),
     // `immp top`'s end-to-end tests drive the real TUI in a real terminal.
     ("tmux", "/usr/bin/tmux"),
+    // `immp host watch`'s tests talk to a real qemu-ga (unix-listen, a fake immp behind it).
+    ("qemu-guest-agent", "/usr/sbin/qemu-ga"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
