@@ -30,6 +30,8 @@ pub struct HostWatch {
     pub clean: bool,
     pub writer_cgroup_before: Option<String>,
     pub writer_cgroup_after: Option<String>,
+    /// The writer was in an immp cap cgroup at some point during the migration.
+    pub capped_during: Option<bool>,
     /// The writer is back in its cgroup of before the migration, seen after the watcher ended.
     pub uncapped_after: Option<bool>,
     pub stderr: String,
@@ -145,6 +147,7 @@ impl Watch {
             stopped,
             writer_cgroup_before: None,
             writer_cgroup_after: None,
+            capped_during: None,
             uncapped_after: None,
             stderr: self.stderr(),
             events,
@@ -178,6 +181,14 @@ pub fn record(run: &mut Run, mut w: HostWatch, lines: &[(f64, String)]) {
             .next_back()
     };
     w.writer_cgroup_before = cg(f64::NEG_INFINITY, 0.0);
+    let end = w.stopped_s.unwrap_or(f64::INFINITY);
+    w.capped_during = Some(
+        lines
+            .iter()
+            .filter(|(t, _)| *t > 0.0 && *t <= end)
+            .filter_map(|(_, l)| cgroup_of(l))
+            .any(|c| c.contains("/immp-")),
+    );
     let done = w.exited_s.unwrap_or(f64::INFINITY);
     w.writer_cgroup_after = cg(done, f64::INFINITY);
     w.uncapped_after = match (&w.writer_cgroup_before, &w.writer_cgroup_after) {
@@ -239,6 +250,11 @@ pub fn checks(run: &Run) -> Vec<(&'static str, bool, String)> {
             "watcher-exit",
             w.exit_code == Some(0),
             format!("exit {:?}; stderr: {}", w.exit_code, w.stderr),
+        ),
+        (
+            "writer-capped",
+            w.capped_during == Some(true),
+            "the writer was in an immp cap cgroup during the migration".into(),
         ),
         (
             "writer-uncapped",
