@@ -113,7 +113,9 @@ impl Qmp {
                 greeting: Some(g), ..
             }) => {
                 let q = g.version.qemu;
-                format!("{}.{}.{}{}", q.major, q.minor, q.micro, g.version.package)
+                let pkg = g.version.package.trim();
+                let sep = if pkg.is_empty() { "" } else { " " };
+                format!("{}.{}.{}{sep}{pkg}", q.major, q.minor, q.micro)
             }
             _ => {
                 return Err(crate::usage(format!(
