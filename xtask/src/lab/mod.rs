@@ -894,7 +894,7 @@ fn run_one(
             prog.show("immp host watch starting", true);
             let mut w = host::Watch::spawn(&src, &dst)?;
             w.wait_ready(Duration::from_secs(180))
-                .with_context(|| format!("{key}"))?;
+                .with_context(|| key.clone())?;
             Some(w)
         }
         _ => None,
