@@ -339,3 +339,65 @@ fn starts_immp_on_active_and_stops_it_when_the_migration_ends() {
     assert_eq!(stopped["caps"][0]["lifted"], true);
     assert_eq!(stopped["clean"], true);
 }
+
+/// A stop signal to the watcher while immp runs in the guest: immp is stopped (caps lifted)
+/// before the watcher exits, and the migration is left alone.
+#[test]
+fn a_stop_signal_stops_the_guests_immp_first() {
+    let d = dir("signal");
+    let qmp = d.join("q.sock");
+    fake_qmp(&qmp, vec!["none", "active"]);
+    let (_agent, qga) = Agent::start(&d, &[]);
+    let immp = fake_immp(&d);
+    let mut w = Command::new(immp_bin())
+        .args([
+            "host",
+            "watch",
+            "--timeout",
+            "2s",
+            "--format",
+            "json",
+            "--qmp",
+        ])
+        .arg(&qmp)
+        .arg("--qga")
+        .arg(&qga)
+        .arg("--guest-immp")
+        .arg(&immp)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("immp host watch");
+    let mut lines = BufReader::new(w.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    for l in lines.by_ref().map_while(Result::ok) {
+        let started = l.contains("\"event\":\"guest-started\"");
+        seen.push(l);
+        if started {
+            break;
+        }
+    }
+    // SAFETY: kill has no memory-safety preconditions; the PID is our child's.
+    unsafe { libc::kill(w.id() as i32, libc::SIGTERM) };
+    seen.extend(lines.map_while(Result::ok));
+    let st = w.wait().expect("wait");
+    assert_eq!(st.code(), Some(0), "{seen:#?}");
+    let last: serde_json::Value = serde_json::from_str(seen.last().unwrap()).unwrap();
+    assert_eq!(last["event"], "guest-stopped", "{seen:#?}");
+    assert_eq!(last["how"], "sigterm");
+    assert_eq!(last["clean"], true);
+}
+
+#[test]
+fn help_has_examples() {
+    let o = Command::new(immp_bin())
+        .args(["host", "watch", "--help"])
+        .output()
+        .expect("help");
+    let t = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success());
+    assert!(
+        t.contains("Examples:") && t.contains("--dest-qga") && t.contains("Exit codes"),
+        "{t}"
+    );
+}
