@@ -6,6 +6,7 @@ use std::fmt::{self, Display, Formatter};
 use serde::Serialize;
 
 use crate::{
+    migration::{GuestStarted, GuestStopped, MigrationStatus, Watching},
     policy::Decision,
     predict::Prediction,
     rank::{Ranked, Ranking},
@@ -41,6 +42,14 @@ pub enum Event {
     /// `restore` with nothing pending.
     Nothing(Nothing),
     Warning(Warning),
+    /// `host watch`: both sockets answered, waiting for a migration.
+    Watching(Watching),
+    /// `host watch`: the migration's status changed.
+    Migration(MigrationStatus),
+    /// `host watch`: immp started inside the guest.
+    GuestStarted(GuestStarted),
+    /// `host watch`: immp stopped inside the guest, and what it undid.
+    GuestStopped(GuestStopped),
 }
 
 /// One profiled interval: the snapshot's facts plus the ranking (top N).
@@ -316,6 +325,10 @@ impl Display for Event {
             Event::Interval(i) => i.fmt(f),
             Event::Nothing(n) => write!(f, "nothing to restore ({})", clean(&n.journal)),
             Event::Warning(w) => write!(f, "warning: {}", clean(&w.message)),
+            Event::Watching(w) => w.fmt(f),
+            Event::Migration(m) => m.fmt(f),
+            Event::GuestStarted(g) => g.fmt(f),
+            Event::GuestStopped(g) => g.fmt(f),
         }
     }
 }

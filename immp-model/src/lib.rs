@@ -8,6 +8,7 @@ pub mod event;
 #[cfg(any(test, feature = "fixtures"))]
 pub mod fixtures;
 pub mod impact;
+pub mod migration;
 pub mod policy;
 pub mod predict;
 pub mod rank;

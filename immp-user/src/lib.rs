@@ -11,6 +11,7 @@ pub mod alloc;
 pub mod cmd;
 pub mod collect;
 pub mod error;
+pub mod host;
 pub mod pidfd;
 pub mod view;
 

@@ -564,11 +564,13 @@ fn bench_exact() -> Outcome {
 /// on the kernel command line:
 ///   IMMP_LAB_SERVICE=RATE      the latency-sensitive service (requests per second)
 ///   IMMP_LAB_WRITER=PAGES,WORK the ring writer (compute per page)
-///   IMMP_LAB_POLICY=none | cgroup:PCT | cpulimit:PCT | immp | immp:FLOORPCT
+///   IMMP_LAB_POLICY=none | cgroup:PCT | cpulimit:PCT | immp | immp:FLOORPCT | host
+///                              (host: nothing here; the host starts immp through the agent)
 ///   IMMP_LAB_WARM=SECS, IMMP_LAB_SETTLE=SECS  writer alone (immp: already running), then
 ///                              the fixed policy in force, before READY
 /// `probe` instead runs the writer at each IMMP_LAB_PROBE=PAGES,SECS,WORK,WORK... in turn.
-/// Every second it prints `IMMP-LAB-C w=PAGES s=DONE h=BUCKET:COUNT,...` (cumulative counters,
+/// Every second it prints `IMMP-LAB-C w=PAGES s=DONE h=BUCKET:COUNT,... cg=CGROUP` (cumulative
+/// counters and the writer's cgroup v2 path, so the host sees when it is capped and lifted;
 /// timestamped by the host: the guest clock is no stopwatch under TCG) and forwards immp's
 /// JSON events as `IMMP-LAB-EVENT {...}`. Never returns (the host stops QEMU).
 fn lab(scenario: &str) -> ! {
@@ -607,6 +609,9 @@ fn lab(scenario: &str) -> ! {
     let writer = env("IMMP_LAB_WRITER")
         .split_once(',')
         .map(|(pages, work)| start(&["ring-count", pages, work, LAB_WRITER]));
+    if let Some(w) = &writer {
+        LAB_WRITER_PID.store(w.pid(), std::sync::atomic::Ordering::Relaxed);
+    }
     std::thread::sleep(Duration::from_secs(num("IMMP_LAB_WARM", 5)));
     match (kind, &writer) {
         ("cgroup", Some(w)) => lab_cgroup(w.pid(), pct),
@@ -626,7 +631,7 @@ fn lab(scenario: &str) -> ! {
                 Err(e) => say(&format!("IMMP-LAB-ERROR cpulimit: {e}")),
             }
         }
-        ("immp" | "none" | "", _) => {}
+        ("immp" | "none" | "host" | "", _) => {}
         (k, None) => say(&format!("IMMP-LAB-ERROR policy {k} needs a writer")),
         (k, _) => say(&format!("IMMP-LAB-ERROR unknown policy {k}")),
     }
@@ -653,6 +658,8 @@ fn lab(scenario: &str) -> ! {
 }
 
 const LAB_WRITER: &str = "/tmp/lab-writer";
+/// The writer's PID once started (0 before), for the reporter's `cg=`.
+static LAB_WRITER_PID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 const LAB_SERVICE: &str = "/tmp/lab-service";
 
 fn lab_forever() -> ! {
@@ -682,11 +689,20 @@ fn lab_reporter() {
                 .filter(|(_, c)| **c > 0)
                 .map(|(i, c)| format!("{}:{c}", i - 8))
                 .collect();
+            let pid = LAB_WRITER_PID.load(std::sync::atomic::Ordering::Relaxed);
+            // cgroup v2: "0::/path"; "-" before the writer exists.
+            let cg = if pid == 0 {
+                "-".to_string()
+            } else {
+                let c = cgroup_of(pid);
+                c.rsplit_once("::").map_or(c.clone(), |x| x.1.to_string())
+            };
             say(&format!(
-                "IMMP-LAB-C w={} s={} h={}",
+                "IMMP-LAB-C w={} s={} h={} cg={}",
                 w.first().copied().unwrap_or(0),
                 s.first().copied().unwrap_or(0),
-                h.join(",")
+                h.join(","),
+                if cg.is_empty() { "?" } else { &cg }
             ));
         }
     });

@@ -46,6 +46,17 @@ enum Cmd {
         kernels: Vec<String>,
         tests: Vec<String>,
     },
+    /// The host-triggered throttling test under QEMU: a heavy writer's migration started over
+    /// QMP converges with `immp host watch` driving immp in the guest through
+    /// qemu-guest-agent, every cap is lifted and the writer is uncapped after
+    HostTest {
+        /// Skip the calibration: the heavy writer's compute per page
+        #[arg(long)]
+        work: Option<u64>,
+        /// Give up (migrate_cancel, a failure) after this many seconds
+        #[arg(long, default_value_t = 150)]
+        limit: u64,
+    },
     /// Benchmarks that print ratios measured side by side in one run
     Bench {
         #[command(subcommand)]
@@ -143,6 +154,14 @@ fn main() -> anyhow::Result<()> {
                         failed += 1;
                     }
                 }
+                // Host-triggered throttling: a migration between two QEMUs.
+                match lab::host_test(None, 150) {
+                    Ok((p, f)) => (passed, failed) = (passed + p, failed + f),
+                    Err(e) => {
+                        eprintln!("host-test: {e:#}");
+                        failed += 1;
+                    }
+                }
             }
             println!("tests: {passed} passed, {failed} failed");
             if failed > 0 || passed == 0 {
@@ -155,6 +174,14 @@ fn main() -> anyhow::Result<()> {
             let (_, failed) = vm::test(tests, &vm::select(&kernels)?)?;
             if failed > 0 {
                 bail!("vm-test: {failed} failed");
+            }
+            Ok(())
+        }
+        Cmd::HostTest { work, limit } => {
+            setup::ensure()?;
+            let (_, failed) = lab::host_test(work, limit)?;
+            if failed > 0 {
+                bail!("host-test: {failed} failed");
             }
             Ok(())
         }

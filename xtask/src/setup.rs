@@ -24,6 +24,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("cpulimit", "/usr/bin/cpulimit"),
     // `immp top`'s end-to-end tests drive the real TUI in a real terminal.
     ("tmux", "/usr/bin/tmux"),
+    // `immp host watch`'s tests talk to a real qemu-ga (unix-listen, a fake immp behind it).
+    ("qemu-guest-agent", "/usr/sbin/qemu-ga"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -78,6 +80,9 @@ const VM_PACKAGES: &[(&str, &str)] = &[
     ("busybox-static", "/bin/busybox"),
     // Debian's 6.12 modules are .ko.xz; the initramfs gets them decompressed.
     ("xz-utils", "/usr/bin/xz"),
+    // The guest agent (copied into the guest image with its libraries): the lab's
+    // `host-triggered` policy drives immp in the guest through it (`immp host watch`).
+    ("qemu-guest-agent", "/usr/sbin/qemu-ga"),
 ];
 
 pub fn ensure_vm() -> anyhow::Result<()> {

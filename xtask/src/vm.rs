@@ -166,6 +166,12 @@ while read m args; do
     insmod /modules/$m.ko $args || echo "IMMP-INSMOD-FAILED $m"
 done < /modules/load
 mke2fs -q /dev/ram0 && mount -t ext2 /dev/ram0 /mnt
+# qemu-guest-agent on its virtio-serial port, when QEMU has one (the lab's guests). Without
+# udev there is no /dev/virtio-ports/NAME link: the port is found by its name in sysfs.
+for p in /sys/class/virtio-ports/*; do
+    [ "$(cat $p/name 2>/dev/null)" = org.qemu.guest_agent.0 ] || continue
+    PATH=/bin:/usr/bin:/usr/sbin /usr/sbin/qemu-ga -d -m virtio-serial -p /dev/${p##*/} -f /tmp/qemu-ga.pid -t /tmp -l /tmp/qemu-ga.log && echo "IMMP-QGA started on /dev/${p##*/}"
+done
 echo "IMMP-BOOTED $(uname -r) thp=$(cat /sys/kernel/mm/transparent_hugepage/enabled) mnt=$(grep -c " /mnt " /proc/mounts)"
 tests=$(sed -n 's/.*immp\.tests=\([^ ]*\).*/\1/p' /proc/cmdline | tr , ' ')
 lab=$(sed -n 's/.*immp\.lab=\([^ ]*\).*/\1/p' /proc/cmdline)
@@ -186,6 +192,13 @@ const MODULES: &[(&str, &str)] = &[
     ("jbd2", ""),
     ("ext4", ""),
     ("brd", "rd_nr=1 rd_size=65536"),
+    // The guest agent's virtio-serial port (the migration lab's `host-triggered` policy).
+    ("virtio_ring", ""),
+    ("virtio", ""),
+    ("virtio_pci_modern_dev", ""),
+    ("virtio_pci_legacy_dev", ""),
+    ("virtio_pci", ""),
+    ("virtio_console", ""),
 ];
 
 /// How MODULES reach one kernel: built-in ones need nothing but their parameters on the
@@ -306,7 +319,7 @@ fn initramfs(plan: &ModulePlan, out: &Path) -> anyhow::Result<()> {
     let gz = flate2::write::GzEncoder::new(std::io::BufWriter::new(file), Compression::fast());
     let mut w = crate::cpio::Writer::new(gz);
     for d in [
-        "bin", "proc", "sys", "dev", "tmp", "mnt", "modules", "usr", "usr/bin",
+        "bin", "proc", "sys", "dev", "tmp", "mnt", "modules", "usr", "usr/bin", "usr/sbin",
     ] {
         w.dir(d)?;
     }
@@ -319,12 +332,15 @@ fn initramfs(plan: &ModulePlan, out: &Path) -> anyhow::Result<()> {
             add_file(&mut w, &lib, &lib.to_string_lossy())?;
         }
     }
-    // The paper's method, for the migration lab (installed by `cargo xtask setup`).
-    let cpulimit = Path::new("/usr/bin/cpulimit");
-    if cpulimit.exists() {
-        add_file(&mut w, cpulimit, "usr/bin/cpulimit")?;
-        for lib in libs(cpulimit)? {
-            add_file(&mut w, &lib, &lib.to_string_lossy())?;
+    // The paper's method, and the guest agent `immp host watch` drives immp through, for
+    // the migration lab (both installed by `cargo xtask setup`).
+    for tool in ["/usr/bin/cpulimit", "/usr/sbin/qemu-ga"] {
+        let tool = Path::new(tool);
+        if tool.exists() {
+            add_file(&mut w, tool, &tool.to_string_lossy()[1..])?;
+            for lib in libs(tool)? {
+                add_file(&mut w, &lib, &lib.to_string_lossy())?;
+            }
         }
     }
     for (path, data) in &plan.files {
@@ -351,6 +367,10 @@ pub struct Guest {
     child: Child,
     pub log: PathBuf,
     pub qmp: PathBuf,
+    /// With an agent: its socket, and a second QMP socket for `immp host watch` (the lab
+    /// keeps the first one).
+    pub qga: PathBuf,
+    pub watch_qmp: PathBuf,
     slot: Option<usize>,
 }
 
@@ -358,22 +378,27 @@ impl Guest {
     /// Boots `boot` to run these guest tests (all when empty); `name` keeps logs apart.
     pub fn boot(name: &str, boot: &Boot, tests: &[String]) -> anyhow::Result<Self> {
         let words = format!("immp.tests={}", tests.join(","));
-        Self::start(name, boot, &words, None)
+        Self::start(name, boot, &words, None, false)
     }
 
     /// Starts QEMU; `name` keeps the log and QMP socket of several guests apart; `words` go
     /// on the kernel command line after the kernel's own; `incoming` makes it a migration
-    /// destination listening on 127.0.0.1:PORT.
+    /// destination listening on 127.0.0.1:PORT; `agent` adds qemu-guest-agent's
+    /// virtio-serial port (socket `qga`) and a second QMP socket (`watch_qmp`).
     pub fn start(
         name: &str,
         boot: &Boot,
         words: &str,
         incoming: Option<u16>,
+        agent: bool,
     ) -> anyhow::Result<Self> {
         let log = vm_dir().join(format!("{name}.serial.log"));
         let qmp = vm_dir().join(format!("{name}.qmp.sock"));
-        let _ = std::fs::remove_file(&log);
-        let _ = std::fs::remove_file(&qmp);
+        let qga = vm_dir().join(format!("{name}.qga.sock"));
+        let watch_qmp = vm_dir().join(format!("{name}.watch.qmp.sock"));
+        for f in [&log, &qmp, &qga, &watch_qmp] {
+            let _ = std::fs::remove_file(f);
+        }
         let append = format!("console=ttyS0 quiet panic=-1 {} {words}", boot.words);
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args([
@@ -396,6 +421,20 @@ impl Guest {
         .arg("-serial")
         .arg(format!("file:{}", log.display()))
         .args(["-monitor", "none"]);
+        if agent {
+            // Source and destination get the same devices (migration needs it).
+            cmd.arg("-qmp")
+                .arg(format!("unix:{},server=on,wait=off", watch_qmp.display()))
+                .args(["-device", "virtio-serial-pci,id=vser0", "-chardev"])
+                .arg(format!(
+                    "socket,id=qga0,path={},server=on,wait=off",
+                    qga.display()
+                ))
+                .args([
+                    "-device",
+                    "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0",
+                ]);
+        }
         if let Some(port) = incoming {
             cmd.args(["-incoming", &format!("tcp:127.0.0.1:{port}")]);
         }
@@ -420,6 +459,8 @@ impl Guest {
             child,
             log,
             qmp,
+            qga,
+            watch_qmp,
             slot,
         })
     }
@@ -438,7 +479,9 @@ impl Drop for Guest {
         let _ = self.child.kill();
         let _ = self.child.wait();
         live::unregister(self.slot);
-        let _ = std::fs::remove_file(&self.qmp);
+        for f in [&self.qmp, &self.qga, &self.watch_qmp] {
+            let _ = std::fs::remove_file(f);
+        }
     }
 }
 
@@ -446,7 +489,7 @@ impl Drop for Guest {
 pub fn remove_stale_sockets(prefix: &str) {
     for e in std::fs::read_dir(vm_dir()).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        if name.starts_with(prefix) && name.ends_with(".qmp.sock") {
+        if name.starts_with(prefix) && name.ends_with(".sock") {
             let _ = std::fs::remove_file(e.path());
         }
     }
@@ -459,6 +502,11 @@ pub fn check_interrupted() -> anyhow::Result<()> {
         bail!("interrupted");
     }
     Ok(())
+}
+
+/// True once Ctrl-C (or SIGTERM, SIGHUP) arrived.
+pub fn interrupted() -> bool {
+    live::INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
 }
 
 /// The QEMU processes alive, for the signal handler: Ctrl-C kills them, removes their QMP

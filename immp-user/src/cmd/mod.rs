@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 
 pub mod args;
 pub mod doctor;
+pub mod host;
 pub mod profile;
 pub mod restore;
 pub mod run;
@@ -46,6 +47,8 @@ pub enum Command {
     /// The live screen: what dirties memory, whether migration converges, caps and keys to act
     #[command(after_help = top::HELP)]
     Top(top::TopArgs),
+    /// On the hypervisor host: drive immp inside a guest while QEMU migrates it
+    Host(host::HostArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
@@ -55,5 +58,6 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Throttle(a) => throttle::run(a),
         Command::Restore(a) => restore::run(a),
         Command::Top(a) => top::run(a),
+        Command::Host(a) => host::run(a),
     }
 }

@@ -6,6 +6,7 @@
 //! Order of a run: calibration (the guest's speed, then the writers checked against the idle
 //! migration), then every configuration in turn, repeats outermost so that drift over the run
 //! hits every policy alike. Results go to target/lab/ (and docs/lab/ when published).
+mod host;
 mod plot;
 mod report;
 
@@ -70,6 +71,9 @@ pub enum Policy {
     AutoConverge,
     /// QEMU's dirty-limit: needs KVM's dirty ring, so never run here.
     DirtyLimit,
+    /// Uncapped until the migration starts; then `immp host watch` on the host starts
+    /// `immp throttle --auto` in the guest through qemu-guest-agent, and stops it at the end.
+    HostTriggered,
 }
 
 impl Policy {
@@ -82,6 +86,7 @@ impl Policy {
             Policy::Cap(p) => format!("cgroup cap {p}%"),
             Policy::AutoConverge => "QEMU auto-converge".into(),
             Policy::DirtyLimit => "QEMU dirty-limit".into(),
+            Policy::HostTriggered => "immp host watch (host-triggered)".into(),
         }
     }
 
@@ -95,6 +100,7 @@ impl Policy {
             Policy::Cap(p) => format!("cap{p}"),
             Policy::AutoConverge => "auto-converge".into(),
             Policy::DirtyLimit => "dirty-limit".into(),
+            Policy::HostTriggered => "host-triggered".into(),
         }
     }
 
@@ -105,6 +111,7 @@ impl Policy {
             Policy::Auto(Some(f)) => format!("immp:{f}"),
             Policy::Cpulimit(p) => format!("cpulimit:{p}"),
             Policy::Cap(p) => format!("cgroup:{p}"),
+            Policy::HostTriggered => "host".into(),
             _ => "none".into(),
         }
     }
@@ -145,7 +152,13 @@ fn configs(quick: bool) -> Vec<Config> {
     };
     // QEMU's auto-converge only acts on a writer above half the link: the heavy one.
     let heavy: Vec<Policy> = if quick {
-        vec![Uncapped, Auto(None), Auto(Some(5)), AutoConverge]
+        vec![
+            Uncapped,
+            Auto(None),
+            Auto(Some(5)),
+            AutoConverge,
+            HostTriggered,
+        ]
     } else {
         vec![
             Uncapped,
@@ -154,6 +167,7 @@ fn configs(quick: bool) -> Vec<Config> {
             Auto(None),
             Auto(Some(5)),
             AutoConverge,
+            HostTriggered,
         ]
     };
     v.extend(light.into_iter().map(|p| c(Light, p)));
@@ -249,6 +263,9 @@ pub struct Run {
     /// immp's JSON events with their times (decisions, predictions, caps).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub immp_events: Vec<(f64, serde_json::Value)>,
+    /// `host-triggered`: what `immp host watch` did, and the writer's cgroup after.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_watch: Option<host::HostWatch>,
 }
 
 /// What calibration chose.
@@ -272,6 +289,22 @@ pub struct Calibration {
 }
 
 impl Calibration {
+    /// Given WORK values, no calibration (`--work`).
+    fn fixed(light_work: u64, heavy_work: u64) -> Self {
+        Self {
+            fixed_us: 0.0,
+            per_step_ns: 0.0,
+            probe: vec![],
+            light_work,
+            heavy_work,
+            light_rate: 0.0,
+            heavy_rate: 0.0,
+            light_tries: vec![],
+            idle_s: None,
+            immp_commit: String::new(),
+        }
+    }
+
     fn work_for(&self, bytes_per_s: f64) -> u64 {
         let per_page = PAGE / bytes_per_s; // seconds
         ((per_page - self.fixed_us * 1e-6) / (self.per_step_ns * 1e-9)).max(0.0) as u64
@@ -293,9 +326,12 @@ pub fn main(o: Opts) -> anyhow::Result<()> {
         .into_iter()
         .filter(|c| {
             o.only.is_empty()
-                || o.only
-                    .iter()
-                    .any(|s| *s == c.key() || s == c.load.name() || c.load == Load::Idle)
+                || o.only.iter().any(|s| {
+                    *s == c.key()
+                        || s == c.load.name()
+                        || *s == c.policy.key()
+                        || c.load == Load::Idle
+                })
         })
         .collect();
     vm::build()?;
@@ -319,18 +355,7 @@ pub fn main(o: Opts) -> anyhow::Result<()> {
     // Calibration: the guest's speed, the idle migration, the light writer checked against it.
     let mut runs: Vec<Run> = Vec::new();
     let mut cal = match o.work {
-        Some((l, h)) => Calibration {
-            fixed_us: 0.0,
-            per_step_ns: 0.0,
-            probe: vec![],
-            light_work: l,
-            heavy_work: h,
-            light_rate: 0.0,
-            heavy_rate: 0.0,
-            light_tries: vec![],
-            idle_s: None,
-            immp_commit: String::new(),
-        },
+        Some((l, h)) => Calibration::fixed(l, h),
         None => probe(&boot, &mut prog)?,
     };
     cal.immp_commit = immp_commit();
@@ -436,6 +461,51 @@ pub fn main(o: Opts) -> anyhow::Result<()> {
         println!("bench migrate: table and plots copied to docs/lab/");
     }
     Ok(())
+}
+
+/// `cargo xtask host-test`: the heavy writer (calibrated here unless `work` is given) runs
+/// uncapped, the host migrates the guest over QMP, and `immp host watch` drives immp inside
+/// the guest through qemu-guest-agent. Asserts that the migration converges within `limit`
+/// seconds, that immp started and every cap was lifted (the watcher exits 0), and that the
+/// writer is back in its own cgroup afterwards. Returns (passed, failed) checks.
+pub fn host_test(work: Option<u64>, limit: u64) -> anyhow::Result<(u64, u64)> {
+    let started = Instant::now();
+    vm::build()?;
+    crate::setup::ensure_lab()?;
+    let boot = vm::prepare_as(&vm::KERNELS[0], "lab-")?;
+    std::fs::create_dir_all(crate::root().join("target/lab/logs"))?;
+    vm::remove_stale_sockets("lab-");
+    let mut prog = Progress::new(if work.is_some() { 1 } else { 2 }, started);
+    let cal = match work {
+        Some(h) => Calibration::fixed(0, h),
+        None => probe(&boot, &mut prog)?,
+    };
+    let c = Config {
+        load: Load::Heavy,
+        policy: Policy::HostTriggered,
+    };
+    let run = run_one(&boot, &c, &cal, 0, limit as f64, &mut prog)?;
+    prog.finish();
+    let (mut passed, mut failed) = (0, 0);
+    println!(
+        "host-test: heavy writer WORK={}, {:.0} s",
+        cal.heavy_work,
+        started.elapsed().as_secs_f64()
+    );
+    for (name, ok, detail) in host::checks(&run) {
+        println!(
+            "{:<16} {:<5} {detail}",
+            name,
+            if ok { "PASS" } else { "FAIL" }
+        );
+        if ok {
+            passed += 1;
+        } else {
+            failed += 1;
+        }
+    }
+    println!("host-test: {passed} passed, {failed} failed");
+    Ok((passed, failed))
 }
 
 /// The table, CSV, summary JSON and plots into docs/lab/ (what the README shows).
@@ -687,7 +757,7 @@ fn probe(boot: &Boot, prog: &mut Progress) -> anyhow::Result<Calibration> {
         list.join(",")
     );
     let t0 = Instant::now();
-    let g = Guest::start("lab-probe", boot, &words, None)?;
+    let g = Guest::start("lab-probe", boot, &words, None, true)?;
     let tail = Tail::new(g.log.clone());
     let mut g = g;
     while tail.has("IMMP-LAB-PROBE-DONE").is_none() {
@@ -787,9 +857,11 @@ fn run_one(
     }
     let base = Instant::now();
     let port = free_port()?;
-    let mut src = Guest::start("lab-src", boot, &words, None)?;
+    // Every lab guest has the guest agent (same devices and guest processes under every
+    // policy); only `host-triggered` talks to it.
+    let mut src = Guest::start("lab-src", boot, &words, None, true)?;
     let src_tail = Tail::new(src.log.clone());
-    let mut dst = Guest::start("lab-dst", boot, &words, Some(port))?;
+    let mut dst = Guest::start("lab-dst", boot, &words, Some(port), true)?;
     let dst_tail = Tail::new(dst.log.clone());
     // Ready: writer warmed up, policy in force (immp: its first prediction out, then a few
     // seconds, as an operator would start it at the start of a maintenance window).
@@ -817,6 +889,16 @@ fn run_one(
         prog.show("guest starting", false);
         std::thread::sleep(Duration::from_millis(100));
     }
+    let mut watch = match c.policy {
+        Policy::HostTriggered => {
+            prog.show("immp host watch starting", true);
+            let mut w = host::Watch::spawn(&src, &dst)?;
+            w.wait_ready(Duration::from_secs(180))
+                .with_context(|| key.clone())?;
+            Some(w)
+        }
+        _ => None,
+    };
     let mut q = Qmp::connect(&src.qmp).with_context(|| format!("{key}: QMP"))?;
     q.cmd(
         "migrate-set-parameters",
@@ -873,6 +955,11 @@ fn run_one(
         }
     };
     let t_end = t0.elapsed().as_secs_f64();
+    // The watcher stops immp in the guest (on the destination once completed) and exits.
+    let watched = watch.take().map(|w| {
+        prog.show("immp host watch stopping immp in the guest", true);
+        w.finish(t0, Duration::from_secs(150))
+    });
     // After the end: a few more counter reports (from the destination, or from the source
     // when cancelled) to bracket the window.
     let after = Instant::now();
@@ -913,9 +1000,12 @@ fn run_one(
         logs.join(format!("{stem}.dst.log")),
     );
     let total_s = last["total-time"].as_f64().map_or(t_end, |ms| ms / 1e3);
-    let run = analyse(
+    let mut run = analyse(
         c, repeat, work, completed, limit, total_s, t_end, &last, samples, &lines,
     );
+    if let Some(w) = watched {
+        host::record(&mut run, w, &lines);
+    }
     prog.end(&report::one_line(&run));
     Ok(run)
 }
@@ -1072,5 +1162,6 @@ fn analyse(
         writer_rate,
         immp_rate,
         immp_events: keep_events,
+        host_watch: None,
     }
 }

@@ -304,6 +304,33 @@ pub fn goals(sums: &[Summary], runs: &[Run]) -> Vec<Goal> {
             "not measured".into(),
         ),
     }
+    let host: Vec<&Run> = runs
+        .iter()
+        .filter(|r| r.key == "heavy/host-triggered")
+        .collect();
+    let host_ok = |r: &Run| {
+        r.completed
+            && r.host_watch.as_ref().is_some_and(|w| {
+                w.clean && w.exit_code == Some(0) && w.uncapped_after == Some(true)
+            })
+    };
+    push(
+        "heavy: started by the host (immp host watch), converges and the writer is uncapped after",
+        (!host.is_empty()).then(|| host.iter().all(|r| host_ok(r))),
+        if host.is_empty() {
+            "not measured".into()
+        } else {
+            format!(
+                "{}/{} converged with every cap lifted and the writer back in its cgroup; median {} s",
+                host.iter().filter(|r| host_ok(r)).count(),
+                host.len(),
+                secs(
+                    get("heavy/host-triggered").and_then(|s| s.time_median_s),
+                    host[0].limit_s
+                )
+            )
+        },
+    );
     let heavy_auto: Vec<&Run> = runs.iter().filter(|r| r.key == "heavy/auto").collect();
     if heavy_auto.is_empty() {
         push(
@@ -508,6 +535,24 @@ pub fn one_line(r: &Run) -> String {
     }
     if let Some(m) = r.auto_converge_max_pct {
         s.push_str(&format!("; vCPU throttle up to {m:.0} %"));
+    }
+    if let Some(w) = &r.host_watch {
+        s.push_str(&format!(
+            "; immp started at {} s, stopped at {} s; watcher exit {}, caps {}; writer after: {}",
+            w.started_s.map_or("-".into(), |t| format!("{t:.1}")),
+            w.stopped_s.map_or("-".into(), |t| format!("{t:.1}")),
+            w.exit_code.map_or("-".into(), |c| c.to_string()),
+            if w.clean {
+                "all lifted"
+            } else {
+                "NOT confirmed lifted"
+            },
+            match w.uncapped_after {
+                Some(true) => "uncapped (back in its cgroup)".to_string(),
+                Some(false) => format!("STILL CAPPED ({:?})", w.writer_cgroup_after),
+                None => "unknown".into(),
+            }
+        ));
     }
     s
 }
