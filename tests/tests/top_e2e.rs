@@ -265,7 +265,9 @@ fn after_sigkill_restore_puts_the_writer_back() {
     // SAFETY: kill(2) on immp, a process this test started.
     unsafe { libc::kill(s.immp_pid() as i32, libc::SIGKILL) };
     // Raw mode outlives a SIGKILL: no carriage returns, so match across line ends too.
-    s.wait("immp to be killed", |t| t.replace('\n', "").contains("IMMP-EXIT=137"));
+    s.wait("immp to be killed", |t| {
+        t.replace('\n', "").contains("IMMP-EXIT=137")
+    });
     assert_ne!(cpu_cgroup(pid), original, "nothing could lift it");
     let o = Command::new(immp_bin())
         .args(["restore", "--format", "json", "--journal-dir"])

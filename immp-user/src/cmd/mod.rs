@@ -7,10 +7,12 @@
 use clap::{Parser, Subcommand};
 
 pub mod args;
+pub mod autocap;
 pub mod doctor;
 pub mod profile;
 pub mod restore;
 pub mod run;
+pub mod serve;
 pub mod throttle;
 pub mod top;
 
@@ -46,6 +48,9 @@ pub enum Command {
     /// The live screen: what dirties memory, whether migration converges, caps and keys to act
     #[command(after_help = top::HELP)]
     Top(top::TopArgs),
+    /// The agent: serve the measurements as Prometheus metrics (optionally capping, as --auto)
+    #[command(after_help = serve::HELP)]
+    Serve(serve::ServeArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
@@ -55,5 +60,6 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Throttle(a) => throttle::run(a),
         Command::Restore(a) => restore::run(a),
         Command::Top(a) => top::run(a),
+        Command::Serve(a) => serve::run(a),
     }
 }
