@@ -196,10 +196,15 @@ impl MetricsView {
                 st.goal_s = Some(p.target_s);
             }
             Event::Capped(_) => st.cap_changes[0] += 1.0,
-            Event::Decision(d) if d.action != Action::Lift && !is_keep(&d.action) => {
+            // A cap decision about a process capped before this interval changed its cap (a
+            // new cap is counted by its `capped` event).
+            Event::Decision(d)
+                if matches!(d.action, Action::Cap { .. }) && st.caps.contains_key(&d.id()) =>
+            {
                 st.cap_changes[1] += 1.0
             }
-            Event::Lifted(_) | Event::Gone(_) | Event::MovedAway(_) => st.cap_changes[2] += 1.0,
+            Event::Lifted(_) | Event::MovedAway(_) => st.cap_changes[2] += 1.0,
+            Event::Gone(g) if g.undone.is_some() => st.cap_changes[2] += 1.0,
             _ => {}
         }
     }
@@ -211,10 +216,6 @@ impl MetricsView {
         let _ = encode(&mut out, &self.registry);
         out
     }
-}
-
-fn is_keep(a: &Action) -> bool {
-    matches!(a, Action::Keep { .. })
 }
 
 impl State {
@@ -402,25 +403,23 @@ fn gauge(v: f64) -> ConstGauge<f64> {
 }
 
 impl State {
-    /// The process label sets in order: the listed processes, then `other`.
-    fn rows(&self) -> Vec<(Labels<'_>, &Counts)> {
-        let mut rows: Vec<(Labels<'_>, &Counts)> = Vec::new();
-        for id in &self.listed {
+    /// The process label sets in order: the listed processes, then `other` (whose `pid` is
+    /// empty, which Prometheus reads as no pid: every sample of a family has the same label
+    /// names, as strict parsers want). `pids` are the listed processes' PIDs as text.
+    fn rows<'s>(&'s self, pids: &'s [String]) -> Vec<(Labels<'s>, &'s Counts)> {
+        let mut rows: Vec<(Labels<'s>, &'s Counts)> = Vec::new();
+        for (id, pid) in self.listed.iter().zip(pids) {
             if let Some(p) = self.procs.get(id) {
-                rows.push((vec![("comm", p.comm.as_str())], &p.counts));
+                rows.push((vec![("pid", pid), ("comm", p.comm.as_str())], &p.counts));
             }
         }
-        rows.push((vec![("comm", "other")], &self.other));
+        rows.push((vec![("pid", ""), ("comm", "other")], &self.other));
         rows
     }
 
     fn encode_processes(&self, enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        // The pid strings outlive the label sets that borrow them.
         let pids: Vec<String> = self.listed.iter().map(|id| id.pid.to_string()).collect();
-        let mut rows = self.rows();
-        for ((labels, _), pid) in rows.iter_mut().zip(&pids) {
-            labels.insert(0, ("pid", pid.as_str()));
-        }
+        let rows = self.rows(&pids);
         let classed = |scale: f64| {
             rows.iter().flat_map(move |(l, c)| {
                 CLASSES.iter().enumerate().map(move |(i, class)| {

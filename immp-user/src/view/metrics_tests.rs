@@ -206,7 +206,7 @@ fn exposition_of_a_fixed_snapshot() {
     let other_new = value(
         &samples,
         "immp_process_dirty_pages_total",
-        &[("comm", "other"), ("class", "write_new")],
+        &[("pid", ""), ("comm", "other"), ("class", "write_new")],
     );
     assert_eq!(other_new, Some(55.0), "p12 and immp itself");
     let cap = [("pid", "11"), ("comm", "p11"), ("mechanism", "cgroup-v1")];
@@ -360,4 +360,53 @@ fn an_hour_of_churn_among_1000_processes_keeps_at_most_top_plus_one_series() {
         "the top did change: {} series",
         seen.len()
     );
+}
+
+#[test]
+fn cap_changes_are_counted_once_each() {
+    use immp_model::{
+        event::{Undo, Undone},
+        policy::{Action, Decision},
+    };
+    let (mut v, s) = fixed(); // p11 capped at 20 %
+    let decision = |pid: u32, action| {
+        Event::Decision(Decision {
+            pid,
+            start_time: 1000 + pid as u64,
+            comm: format!("p{pid}"),
+            action,
+            reason: "test".into(),
+            target_s: 45.0,
+            budget_bytes_per_s: None,
+            measured_bytes_per_s: 0.0,
+        })
+    };
+    let capped = Capped {
+        pid: 12,
+        start_time: 1012,
+        comm: "p12".into(),
+        cap_pct: 30.0,
+        mechanism: Mechanism::CgroupV1,
+        cgroup: "/immp-12-1012".into(),
+    };
+    // A new cap: its `capped` event and its decision; a changed cap: its decision only.
+    v.on_event(&Event::Capped(capped.clone()));
+    v.on_event(&decision(12, Action::Cap { cap_pct: 30.0 }));
+    v.on_event(&decision(11, Action::Cap { cap_pct: 15.0 }));
+    v.on_event(&decision(11, Action::Keep { cap_pct: 15.0 }));
+    v.on_event(&Event::Lifted(Undo {
+        pid: 11,
+        start_time: 1011,
+        comm: "p11".into(),
+        undone: Undone::NothingToUndo,
+    }));
+    v.set_caps(&[capped]);
+    v.on_snapshot(&at(s, 2, 1_700_000_001_000), None);
+    let samples = parse(&v.render());
+    for (change, n) in [("capped", 1.0), ("changed", 1.0), ("lifted", 1.0)] {
+        let got = value(&samples, "immp_cap_changes_total", &[("change", change)]);
+        assert_eq!(got, Some(n), "{change}");
+    }
+    let cap = [("pid", "12"), ("comm", "p12"), ("mechanism", "cgroup-v1")];
+    assert_eq!(value(&samples, "immp_process_cap_ratio", &cap), Some(0.3));
 }
