@@ -78,10 +78,10 @@ impl Serve {
     fn wait_healthy(&self) {
         let t = Instant::now();
         loop {
-            if let Ok((200, _, body)) = get(self.port, "/healthz") {
-                if body.starts_with("ok:") {
-                    return;
-                }
+            if let Ok((200, _, body)) = get(self.port, "/healthz")
+                && body.starts_with("ok:")
+            {
+                return;
             }
             let err = self.err.lock().unwrap().clone();
             assert!(t.elapsed() < Duration::from_secs(90), "not healthy: {err}");
@@ -275,12 +275,25 @@ fn serves_a_real_writer_over_http_and_stops_on_sigterm() {
 }
 
 #[test]
-fn sigint_and_sighup_stop_it_cleanly() {
+fn sigint_and_sighup_stop_it_cleanly_and_systemd_hears_of_it() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = common::scratch("serve");
     for sig in [libc::SIGINT, libc::SIGHUP] {
-        let s = Serve::start(&["--interval", "200ms"], &[]);
+        // systemd's side of Type=notify: a datagram socket named by NOTIFY_SOCKET.
+        let path = dir.join(format!("notify-{sig}"));
+        let _ = std::fs::remove_file(&path);
+        let sock = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let env = [("NOTIFY_SOCKET", path.display().to_string())];
+        let s = Serve::start(&["--interval", "200ms"], &env);
+        let mut buf = [0u8; 256];
+        let n = sock.recv(&mut buf).expect("READY=1");
+        assert!(buf[..n].starts_with(b"READY=1"), "{:?}", &buf[..n]);
         let (code, _, err) = s.stop(sig);
         assert_eq!(code, Some(0), "signal {sig}: {err}");
+        let n = sock.recv(&mut buf).expect("STOPPING=1");
+        assert_eq!(&buf[..n], b"STOPPING=1");
     }
 }
 

@@ -73,7 +73,7 @@ impl AutoCap {
             target_s: o.target_s,
             goal_met: o.goal_met,
         };
-        host.emit(Event::Prediction(pair.clone()));
+        host.emit(Event::Prediction(pair));
         let mut failed = None;
         for d in o.decisions {
             if host.exempt(d.id()) {

@@ -158,6 +158,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<i32> {
     } else {
         run_loop(a.interval, a.duration, || agent.tick())
     };
+    sd_notify("STOPPING=1");
     let failed = agent.finish();
     server.stop();
     res?;
@@ -268,6 +269,9 @@ impl<'a> Agent<'a> {
             .map(|l| assess(&snap, &l, None, 0).prediction);
         self.metrics.on_snapshot(&snap, measured);
         self.published.set(self.metrics.render());
+        if self.published.samples.load(Ordering::SeqCst) == 1 {
+            sd_notify("READY=1\nSTATUS=collecting");
+        }
         failed?;
         Ok(Next::After(self.a.interval))
     }
@@ -338,6 +342,25 @@ impl Host for ServeHost<'_, '_> {
     fn exempt(&self, id: ProcId) -> bool {
         self.confined.is_some_and(|c| !c.contains(&id.pid))
     }
+}
+
+/// Tells systemd (`Type=notify`) how the service is: READY=1 once collecting, STOPPING=1 on
+/// the way out. Nothing without NOTIFY_SOCKET; a failure to tell is not immp's to fail on.
+fn sd_notify(state: &str) {
+    use std::os::{linux::net::SocketAddrExt as _, unix::ffi::OsStrExt as _};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
+    let msg = state.as_bytes();
+    let _ = match path.as_bytes().strip_prefix(b"@") {
+        // An abstract socket (systemd's usual choice).
+        Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name)
+            .and_then(|a| sock.send_to_addr(msg, &a)),
+        None => sock.send_to(msg, &path),
+    };
 }
 
 fn now_ms() -> u64 {
