@@ -3,7 +3,8 @@
 //! then N concurrent scrapers on keep-alive connections for a bounded time, in two phases:
 //! paced (each scraper once per `every`, the realistic case the goal is about) and flat out
 //! (as fast as the agent answers: its capacity, no goal). Prints a table: scrapes, errors,
-//! latency, the agent's CPU % of one core and its RSS at the start and the end of each phase.
+//! latency, the agent's CPU % of one core and its RSS at the start and the end of each phase;
+//! a first phase without scrapers gives the sampling's own cost.
 use std::{
     io::{BufRead, BufReader, Read, Write},
     net::{TcpListener, TcpStream},
@@ -19,6 +20,7 @@ use anyhow::{Context as _, bail};
 
 use crate::release_bin;
 
+#[derive(Clone, Copy)]
 pub struct Opts {
     pub scrapers: usize,
     pub seconds: u64,
@@ -58,7 +60,7 @@ pub fn run(o: Opts) -> anyhow::Result<()> {
     }
     let rows = res?;
     table(&rows);
-    let paced = &rows[0];
+    let paced = &rows[1];
     println!(
         "  goal (paced): CPU < 5 % of a core: {:.2} % ({}); no RSS growth: {:.1} -> {:.1} MB ({})",
         paced.cpu_pct,
@@ -78,15 +80,13 @@ fn phases(o: &Opts, port: u16, pid: u32) -> anyhow::Result<Vec<Row>> {
     // A few intervals first: the start-up (BTF parsing, first samples) is not the steady cost.
     std::thread::sleep(Duration::from_secs(3));
     let every = o.every.as_secs_f64();
-    let paced = phase(
-        o,
-        port,
-        pid,
-        Some(o.every),
-        format!("paced, 1 per {every}s each"),
-    )?;
+    // The agent alone (sampling at 1 Hz), to tell the scrapes' cost from the sampling's.
+    let idle = Opts { scrapers: 0, ..*o };
+    let alone = phase(&idle, port, pid, None, "no scrapers".to_string())?;
+    let name = format!("paced, 1 per {every}s each");
+    let paced = phase(o, port, pid, Some(o.every), name)?;
     let flat = phase(o, port, pid, None, "flat out".to_string())?;
-    Ok(vec![paced, flat])
+    Ok(vec![alone, paced, flat])
 }
 
 fn phase(
@@ -281,13 +281,20 @@ fn table(rows: &[Row]) {
         "", "", "", "", "", "", "", ""
     );
     for r in rows {
+        let ms = |v: f64| {
+            if v.is_nan() {
+                "-".to_string()
+            } else {
+                format!("{v:.2}")
+            }
+        };
         println!(
-            "  | {:<24} | {:>8} | {:>6} | {:>8.2} | {:>8.2} | {:>11.2} | {:>12.1} | {:>10.1} |",
+            "  | {:<24} | {:>8} | {:>6} | {:>8} | {:>8} | {:>11.2} | {:>12.1} | {:>10.1} |",
             r.phase,
             r.scrapes,
             r.errors,
-            r.p50_ms,
-            r.p99_ms,
+            ms(r.p50_ms),
+            ms(r.p99_ms),
             r.cpu_pct,
             r.rss_start_mb,
             r.rss_end_mb

@@ -43,12 +43,24 @@ pub trait Host {
 }
 
 /// The policy's memory between intervals.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct AutoCap {
     policy: PolicyState,
     /// Processes already said to be refused, held by their own cgroup or not cappable: said
     /// once, not every interval.
     said: BTreeSet<ProcId>,
+    /// IMMP_TEST_AUTO_ONLY: the only PIDs the policy may touch (see `test_confinement`).
+    confined: Option<BTreeSet<u32>>,
+}
+
+impl Default for AutoCap {
+    fn default() -> Self {
+        Self {
+            policy: PolicyState::default(),
+            said: BTreeSet::new(),
+            confined: test_confinement(),
+        }
+    }
 }
 
 impl AutoCap {
@@ -76,7 +88,8 @@ impl AutoCap {
         host.emit(Event::Prediction(pair));
         let mut failed = None;
         for d in o.decisions {
-            if host.exempt(d.id()) {
+            let outside = self.confined.as_ref().is_some_and(|c| !c.contains(&d.pid));
+            if outside || host.exempt(d.id()) {
                 continue;
             }
             if let Err(e) = self.apply(thr, d, host) {
@@ -239,8 +252,9 @@ pub fn release_stale(thr: &mut Throttler, host: &mut impl Host) {
 
 /// Test hook: confines the policy to the processes whose PIDs IMMP_TEST_AUTO_ONLY lists
 /// (comma-separated), so that a test of `--auto` on a shared machine never caps anything but
-/// its own workload. Only the test suite sets it.
-pub fn test_confinement() -> Option<BTreeSet<u32>> {
+/// its own workload (the decisions about the others are made, never applied). Only the test
+/// suite sets it.
+fn test_confinement() -> Option<BTreeSet<u32>> {
     let v = std::env::var("IMMP_TEST_AUTO_ONLY").ok()?;
     Some(v.split(',').filter_map(|p| p.trim().parse().ok()).collect())
 }

@@ -27,7 +27,7 @@ use immp_model::{
 
 use super::{
     args::{self, EventFormat, JournalArgs, LinkArgs, MechanismArg, ModeArg, ProbeArgs},
-    autocap::{AutoCap, Host, release_stale, test_confinement},
+    autocap::{AutoCap, Host, release_stale},
     restore::undo_event,
     run::{Next, run_loop, stop_requested},
 };
@@ -114,6 +114,11 @@ pub struct Published {
 }
 
 impl Published {
+    /// The exposition before any sample (healthz still says "starting").
+    fn set_initial(&self, text: String) {
+        *self.metrics.lock().unwrap_or_else(PoisonError::into_inner) = Bytes::from(text);
+    }
+
     fn set(&self, text: String) {
         *self.metrics.lock().unwrap_or_else(PoisonError::into_inner) = Bytes::from(text);
         self.last_sample_ms.store(now_ms(), Ordering::SeqCst);
@@ -190,8 +195,6 @@ struct Agent<'a> {
     out: Box<dyn View + 'a>,
     metrics: MetricsView,
     published: Arc<Published>,
-    /// IMMP_TEST_AUTO_ONLY: the only PIDs the policy may touch (tests on a shared machine).
-    confined: Option<std::collections::BTreeSet<u32>>,
 }
 
 impl<'a> Agent<'a> {
@@ -223,7 +226,6 @@ impl<'a> Agent<'a> {
             out,
             metrics,
             published,
-            confined: test_confinement(),
         }
     }
 
@@ -252,7 +254,7 @@ impl<'a> Agent<'a> {
             }
         );
         let text = self.metrics.render();
-        self.published.metrics_set_initial(text);
+        self.published.set_initial(text);
     }
 
     fn tick(&mut self) -> anyhow::Result<Next> {
@@ -286,7 +288,6 @@ impl<'a> Agent<'a> {
             out: &mut self.out,
             metrics: &mut self.metrics,
             sampler: &mut self.sampler,
-            confined: self.confined.as_ref(),
         };
         release_stale(thr, &mut host);
         self.auto.step(thr, snap, &s, &mut host).map(|_| ())
@@ -306,19 +307,11 @@ impl<'a> Agent<'a> {
     }
 }
 
-impl Published {
-    /// The exposition before any sample (healthz still says "starting").
-    fn metrics_set_initial(&self, text: String) {
-        *self.metrics.lock().unwrap_or_else(PoisonError::into_inner) = Bytes::from(text);
-    }
-}
-
 /// What `serve --auto` lends the policy loop: the event output, the metrics, the sampler.
 struct ServeHost<'a, 'v> {
     out: &'a mut Box<dyn View + 'v>,
     metrics: &'a mut MetricsView,
     sampler: &'a mut Sampler,
-    confined: Option<&'a std::collections::BTreeSet<u32>>,
 }
 
 impl Host for ServeHost<'_, '_> {
@@ -337,10 +330,6 @@ impl Host for ServeHost<'_, '_> {
 
     fn unwatch(&mut self, id: ProcId) {
         self.sampler.unwatch(id);
-    }
-
-    fn exempt(&self, id: ProcId) -> bool {
-        self.confined.is_some_and(|c| !c.contains(&id.pid))
     }
 }
 
