@@ -44,6 +44,10 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 /// How long an unseen process keeps its series.
 pub const RETAIN: Duration = Duration::from_secs(300);
 
+/// At most this many processes are remembered (a bound on memory whatever the churn: a
+/// process forgotten early only loses the continuity of its counters).
+const MAX_TRACKED: usize = 50_000;
+
 /// The dirtying classes of `Rates` (page events; a page written through a shared file mapping
 /// counts as a write fault and as page cache: the classes may overlap).
 const CLASSES: [&str; 3] = ["write_new", "write_protect", "pagecache"];
@@ -292,12 +296,28 @@ impl State {
         self.totals(snap);
     }
 
-    /// Drops processes unseen for `retain` (a capped one stays: its cap is shown).
+    /// Drops processes unseen for `retain` (a capped one stays: its cap is shown), and, should
+    /// a storm of processes outgrow `MAX_TRACKED`, the least recently seen.
     fn forget(&mut self, now: u64) {
         let keep = self.s.retain.as_millis() as u64;
         let caps = &self.caps;
         self.procs
             .retain(|id, p| caps.contains_key(id) || now.saturating_sub(p.last_seen_ms) < keep);
+        if self.procs.len() > MAX_TRACKED {
+            let mut old: Vec<(u64, ProcId)> = self
+                .procs
+                .iter()
+                .filter(|(id, _)| !caps.contains_key(id))
+                .map(|(id, p)| (p.last_seen_ms, *id))
+                .collect();
+            let cut = (self.procs.len() - MAX_TRACKED).min(old.len());
+            if cut > 0 {
+                old.select_nth_unstable(cut - 1);
+                for (_, id) in &old[..cut] {
+                    self.procs.remove(id);
+                }
+            }
+        }
     }
 
     /// The listed processes: capped first, then by smoothed dirty rate.

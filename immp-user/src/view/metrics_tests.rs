@@ -410,3 +410,22 @@ fn cap_changes_are_counted_once_each() {
     let cap = [("pid", "12"), ("comm", "p12"), ("mechanism", "cgroup-v1")];
     assert_eq!(value(&samples, "immp_process_cap_ratio", &cap), Some(0.3));
 }
+
+#[test]
+fn a_storm_of_processes_is_bounded_in_memory_too() {
+    let mut v = MetricsView::new(settings(20));
+    let n = super::MAX_TRACKED as u32 + 10;
+    v.on_snapshot(
+        &at(snap((0..n).map(|p| writer(p, 1.0)).collect()), 1, 0),
+        None,
+    );
+    let late = snap((n..n + 10).map(|p| writer(p, 1.0)).collect());
+    v.on_snapshot(&at(late, 2, 1000), None);
+    let st = v.state();
+    assert_eq!(st.procs.len(), super::MAX_TRACKED);
+    // The most recently seen stay.
+    assert!(
+        st.procs
+            .contains_key(&ProcId::new(n + 9, 1000 + (n + 9) as u64))
+    );
+}
