@@ -111,6 +111,9 @@ pub struct Published {
     pub samples: AtomicU64,
     /// A sample older than this means collection has stalled.
     pub stale_after: Duration,
+    /// Set by the HTTP thread if it ends by itself: the agent then stops (exit 1), rather than
+    /// collect for no one.
+    pub http_failed: std::sync::atomic::AtomicBool,
 }
 
 impl Published {
@@ -154,10 +157,11 @@ pub fn run(a: ServeArgs) -> anyhow::Result<i32> {
         last_sample_ms: AtomicU64::new(0),
         samples: AtomicU64::new(0),
         stale_after: a.interval * 3 + Duration::from_secs(2),
+        http_failed: std::sync::atomic::AtomicBool::new(false),
     });
-    let server = http::Server::start(listener, published.clone())?;
-    let mut agent = Agent::new(&a, sampler, thr, out, published);
-    agent.start();
+    let mut agent = Agent::new(&a, sampler, thr, out, published.clone());
+    agent.start(); // an exposition is ready before the first request
+    let server = http::Server::start(listener, published)?;
     let res = if stop_requested().is_some() {
         Ok(()) // a stop signal during start-up: straight to the end
     } else {
@@ -259,6 +263,9 @@ impl<'a> Agent<'a> {
 
     fn tick(&mut self) -> anyhow::Result<Next> {
         super::run::test_panic_hook();
+        if self.published.http_failed.load(Ordering::SeqCst) {
+            anyhow::bail!("the HTTP server stopped (see above)");
+        }
         let snap = self.sampler.sample();
         let failed = self.auto_step(&snap);
         if let Some(thr) = &self.thr {

@@ -46,7 +46,14 @@ impl Server {
         let (stop, stopped) = watch::channel(false);
         let thread = std::thread::Builder::new()
             .name("immp-http".into())
-            .spawn(move || rt.block_on(accept_loop(listener, published, stopped)))?;
+            .spawn(move || {
+                let p = published.clone();
+                if let Err(e) = rt.block_on(accept_loop(listener, published, stopped)) {
+                    eprintln!("immp serve: error: HTTP server: {e}");
+                    p.http_failed
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+            })?;
         Ok(Self {
             stop,
             thread: Some(thread),
@@ -62,26 +69,22 @@ impl Server {
     }
 }
 
+/// Accepts until told to stop (Ok); an error only if the listener cannot be used at all.
 async fn accept_loop(
     listener: TcpListener,
     published: Arc<Published>,
     mut stopped: watch::Receiver<bool>,
-) {
-    let listener = match tokio::net::TcpListener::from_std(listener) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("immp serve: error: HTTP listener: {e}");
-            return;
-        }
-    };
+) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::from_std(listener)?;
     let started = Instant::now();
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let permit = tokio::select! {
             p = slots.clone().acquire_owned() => p,
-            _ = stopped.changed() => return,
+            _ = stopped.changed() => return Ok(()),
         };
-        let Ok(permit) = permit else { return };
+        // The semaphore is never closed.
+        let Ok(permit) = permit else { return Ok(()) };
         let (sock, _) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
@@ -91,7 +94,7 @@ async fn accept_loop(
                     continue;
                 }
             },
-            _ = stopped.changed() => return,
+            _ = stopped.changed() => return Ok(()),
         };
         let published = published.clone();
         let mut stop = stopped.clone();
