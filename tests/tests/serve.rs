@@ -401,3 +401,53 @@ fn auto_caps_its_confined_writer_shows_the_cap_and_lifts_it_on_sigterm() {
     let journal = std::fs::read_to_string(dir.join("journal")).expect("a journal");
     assert!(journal.trim().is_empty(), "journal: {journal}");
 }
+
+#[test]
+fn a_panic_under_auto_still_lifts_every_cap() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let w = Workload::start(&["ring", "16384", "30000"]);
+    let before = cpu_cgroup(w.pid());
+    let dir = common::scratch("serve").join("panic");
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut s = Serve::start(
+        &[
+            "--auto",
+            "--bandwidth",
+            "100Mbit",
+            "--ram",
+            "512MB",
+            "--interval",
+            "500ms",
+            "--journal-dir",
+            dir.to_str().unwrap(),
+        ],
+        &[
+            ("IMMP_TEST_AUTO_ONLY", w.pid().to_string()),
+            // The injected panic of cmd/run.rs, after 20 intervals (10 s).
+            ("IMMP_TEST_PANIC_AFTER", "20".to_string()),
+        ],
+    );
+    wait_until("writer capped", Duration::from_secs(9), || {
+        cpu_cgroup(w.pid()).contains("immp-")
+    });
+    let t = Instant::now();
+    let status = loop {
+        if let Some(st) = s.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "no panic");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    for r in s.readers.drain(..) {
+        let _ = r.join();
+    }
+    let err = s.err.lock().unwrap().clone();
+    assert_eq!(status.code(), Some(101), "a panic: {err}");
+    assert!(err.contains("injected panic"), "{err}");
+    assert_eq!(cpu_cgroup(w.pid()), before, "lifted while unwinding");
+    let journal = std::fs::read_to_string(dir.join("journal")).expect("a journal");
+    assert!(
+        journal.trim().is_empty(),
+        "nothing left for restore: {journal}"
+    );
+}
