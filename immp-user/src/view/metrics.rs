@@ -129,7 +129,7 @@ struct State {
     /// Listed processes, in ranking order.
     listed: Vec<ProcId>,
     other: Counts,
-    caps: BTreeMap<ProcId, (String, Cap)>,
+    caps: BTreeMap<ProcId, Cap>,
     me: Counts,
     me_rss: f64,
     /// Guest dirtying, pages: by processes, unattributed, short-lived (part of processes).
@@ -176,7 +176,7 @@ impl MetricsView {
                     ratio: c.cap_pct / 100.0,
                     mechanism: c.mechanism,
                 };
-                (id, (clean(&c.comm).into_owned(), cap))
+                (id, cap)
             })
             .collect();
     }
@@ -490,10 +490,12 @@ impl State {
         pids: &[String],
     ) -> Result<(), std::fmt::Error> {
         let caps = self.listed.iter().zip(pids).filter_map(|(id, pid)| {
-            let (comm, c) = self.caps.get(id)?;
+            let c = self.caps.get(id)?;
+            // The comm the other families show for this pid: one label set per process.
+            let comm = self.procs.get(id)?.comm.as_str();
             let l = vec![
                 ("pid", pid.as_str()),
-                ("comm", comm.as_str()),
+                ("comm", comm),
                 ("mechanism", mechanism(c.mechanism)),
             ];
             Some((l, gauge(c.ratio)))
