@@ -101,6 +101,12 @@ fn auto_caps_a_real_writer_and_leaves_an_idle_process_alone() {
             "json",
         ])
         .env("IMMP_JOURNAL_DIR", &dir)
+        // Confined to this test's writer and idle process: on a shared machine the policy
+        // must not cap anyone else's heavy writers (it still decides about them).
+        .env(
+            "IMMP_TEST_AUTO_ONLY",
+            format!("{},{}", writer.pid(), idle.pid()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

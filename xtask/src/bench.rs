@@ -62,6 +62,21 @@ pub enum Which {
         #[arg(long, value_delimiter = ',')]
         work: Option<Vec<u64>>,
     },
+    /// `immp serve` under concurrent scrapers on 127.0.0.1 (paced, then flat out): scrapes,
+    /// latency, the agent's CPU % of one core and RSS at the start and end (goal < 5 %, no growth)
+    Serve {
+        #[arg(long, default_value_t = 50)]
+        scrapers: usize,
+        /// Length of each phase
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Idle processes beside the agent (each touching a fresh page every second)
+        #[arg(long, default_value_t = 200)]
+        procs: usize,
+        /// Paced phase: each scraper scrapes once per this many milliseconds
+        #[arg(long, default_value_t = 1000)]
+        every_ms: u64,
+    },
     /// CPU caps of 10/20/50 %: share and jitter per 100 ms, immp's cgroup cap vs SIGSTOP/SIGCONT
     Cap {
         #[arg(long, default_value_t = 5)]
@@ -79,6 +94,17 @@ pub fn run(w: Which) -> anyhow::Result<()> {
         } => agent_top(procs, seconds),
         Which::Agent { procs, seconds, .. } => agent(procs, seconds),
         Which::Cap { seconds } => cap(seconds),
+        Which::Serve {
+            scrapers,
+            seconds,
+            procs,
+            every_ms,
+        } => crate::bench_serve::run(crate::bench_serve::Opts {
+            scrapers,
+            seconds,
+            procs,
+            every: Duration::from_millis(every_ms.max(1)),
+        }),
         Which::Exact => exact(),
         Which::Migrate {
             quick,
@@ -152,7 +178,7 @@ fn stop(mut c: Child) {
 }
 
 /// A forever-running `immp-workload MODE`, returned once it said `ready`.
-fn spawn_ready(mode: &str) -> anyhow::Result<Child> {
+pub(crate) fn spawn_ready(mode: &str) -> anyhow::Result<Child> {
     let mut c = Command::new(release_bin("immp-workload"))
         .arg(mode)
         .stdout(Stdio::piped())

@@ -1,7 +1,9 @@
 //! Developer workflows for immp: toolchain setup, build, run, test, benchmarks.
 //! Nothing in the product depends on this crate.
 mod bench;
+mod bench_serve;
 mod cpio;
+mod install;
 mod lab;
 mod setup;
 mod vm;
@@ -57,6 +59,9 @@ enum Cmd {
         #[arg(long, default_value_t = 150)]
         limit: u64,
     },
+    /// Build the release binary and install it (PREFIX/bin/immp) with the systemd unit of
+    /// `immp serve` (/etc/systemd/system/immp.service); --dry-run says what it would do
+    Install(install::Opts),
     /// Benchmarks that print ratios measured side by side in one run
     Bench {
         #[command(subcommand)]
@@ -185,6 +190,7 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::Install(o) => install::run(o),
         Cmd::Bench { which } => {
             setup::ensure()?;
             run(cargo().args(["build", "--release", "--workspace", "--bins"]))?;

@@ -7,11 +7,13 @@
 use clap::{Parser, Subcommand};
 
 pub mod args;
+pub mod autocap;
 pub mod doctor;
 pub mod host;
 pub mod profile;
 pub mod restore;
 pub mod run;
+pub mod serve;
 pub mod throttle;
 pub mod top;
 
@@ -49,6 +51,9 @@ pub enum Command {
     Top(top::TopArgs),
     /// On the hypervisor host: drive immp inside a guest while QEMU migrates it
     Host(host::HostArgs),
+    /// The agent: serve the measurements as Prometheus metrics (optionally capping, as --auto)
+    #[command(after_help = serve::HELP)]
+    Serve(serve::ServeArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
@@ -59,5 +64,6 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Restore(a) => restore::run(a),
         Command::Top(a) => top::run(a),
         Command::Host(a) => host::run(a),
+        Command::Serve(a) => serve::run(a),
     }
 }

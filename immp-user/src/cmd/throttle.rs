@@ -1,18 +1,16 @@
 //! `immp throttle`: cap processes' CPU live (manual or automatic), lift every cap at the end.
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    time::Duration,
-};
+use std::{collections::BTreeSet, time::Duration};
 
 use clap::Args;
 use immp_model::{
     Event, ProcId, Snapshot,
-    event::{CapInterval, CapLine, Gone, Held, PredictionPair, Start, Undo, Undone, Warning},
-    policy::{Action, AutoSettings, Decision, PolicyState, decide, idle_time},
+    event::{CapInterval, CapLine, Gone, Held, Start, Undo, Undone, Warning},
+    policy::{AutoSettings, idle_time},
 };
 
 use super::{
     args::{self, EventFormat, JournalArgs, LinkArgs, MechanismArg, ProbeArgs},
+    autocap::{AutoCap, Host},
     restore::undo_event,
     run::{Next, run_loop, stop_requested},
 };
@@ -85,12 +83,41 @@ struct Run<'a> {
     out: Box<dyn View + 'a>,
     sampler: Option<Sampler>,
     settings: Option<AutoSettings>,
-    policy: PolicyState,
+    auto: AutoCap,
     cpu: CpuMeter,
-    /// Processes already reported as held by their own cgroup's limit.
+    /// Processes already reported as held by their own cgroup's limit (manual caps).
     held: BTreeSet<ProcId>,
-    /// Processes --auto may not cap (already said why).
-    skipped: BTreeSet<ProcId>,
+}
+
+/// What `throttle --auto` lends the policy loop: its output and its sampler.
+struct ThrottleHost<'a, 'v> {
+    out: &'a mut Box<dyn View + 'v>,
+    sampler: &'a mut Option<Sampler>,
+    json: bool,
+}
+
+impl Host for ThrottleHost<'_, '_> {
+    fn emit(&mut self, e: Event) {
+        // Output is for the operator; a closed stdout must not stop caps from being lifted.
+        let _ = self.out.render(&e);
+    }
+
+    fn watch(&mut self, id: ProcId) {
+        if let Some(s) = self.sampler.as_mut() {
+            s.watch(id);
+        }
+    }
+
+    fn unwatch(&mut self, id: ProcId) {
+        if let Some(s) = self.sampler.as_mut() {
+            s.unwatch(id);
+        }
+    }
+
+    /// JSON keeps every decision, text only the changes.
+    fn every_decision(&self) -> bool {
+        self.json
+    }
 }
 
 pub fn run(a: ThrottleArgs) -> anyhow::Result<i32> {
@@ -115,10 +142,9 @@ pub fn run(a: ThrottleArgs) -> anyhow::Result<i32> {
         thr,
         out,
         sampler,
-        policy: PolicyState::default(),
+        auto: AutoCap::default(),
         cpu: CpuMeter::default(),
         held: BTreeSet::new(),
-        skipped: BTreeSet::new(),
     };
     run.start(&targets)?;
     let res = if stop_requested().is_some() {
@@ -260,89 +286,13 @@ impl Run<'_> {
         let Some(s) = self.settings else {
             return Ok(());
         };
-        let caps: BTreeMap<ProcId, f64> = self
-            .thr
-            .active()
-            .iter()
-            .map(|c| (ProcId::new(c.pid, c.start_time), c.cap_pct))
-            .collect();
-        let o = decide(snap, &s, &caps, &mut self.policy);
-        self.emit(Event::Prediction(PredictionPair {
-            without_caps: o.without_caps,
-            with_caps: o.with_caps,
-            target_s: o.target_s,
-            goal_met: o.goal_met,
-        }));
-        for d in o.decisions {
-            self.apply(d)?;
-        }
-        Ok(())
-    }
-
-    /// Applies one decision and says so (every decision in JSON; changes only in text).
-    fn apply(&mut self, d: Decision) -> anyhow::Result<()> {
-        let id = d.id();
-        let changed = match d.action {
-            Action::Cap { cap_pct } => {
-                let new = !self.thr.active().iter().any(|c| c.pid == id.pid);
-                // The same refusals as for --pid (PID 1, kernel threads, immp itself, a thread,
-                // a process another immp caps or that lives in a cap cgroup with its parent):
-                // said once, never capped.
-                if new && let Err(e) = validate_target(id.pid) {
-                    if self.skipped.insert(id) {
-                        let message = format!("PID {} not capped: {e:#}", id.pid);
-                        self.emit(Event::Warning(Warning { message }));
-                    }
-                    return Ok(());
-                }
-                match self.thr.cap(id, &d.comm, cap_pct) {
-                    Ok(CapOutcome::Capped) if new => {
-                        // Reported every interval from now on, active or not: the policy
-                        // needs its rate under the cap.
-                        if let Some(s) = self.sampler.as_mut() {
-                            s.watch(id);
-                        }
-                        self.report(id, &d.comm, cap_pct, CapOutcome::Capped)
-                    }
-                    Ok(CapOutcome::Capped) => {}
-                    Ok(other) => {
-                        self.report(id, &d.comm, cap_pct, other);
-                        return Ok(());
-                    }
-                    // One process that cannot be capped never stops the others' caps.
-                    Err(e) => {
-                        let message = format!("PID {}: not capped: {e:#}", d.pid);
-                        self.emit(Event::Warning(Warning { message }));
-                        return Ok(());
-                    }
-                }
-                true
-            }
-            Action::Lift => {
-                if let Some(s) = self.sampler.as_mut() {
-                    s.unwatch(id);
-                }
-                if let Some(undone) = self.thr.lift(&id)? {
-                    let u = Undo {
-                        pid: d.pid,
-                        start_time: d.start_time,
-                        comm: d.comm.clone(),
-                        undone,
-                    };
-                    self.emit(Event::Lifted(u));
-                }
-                true
-            }
-            Action::Keep { .. } => false,
+        let mut host = ThrottleHost {
+            out: &mut self.out,
+            sampler: &mut self.sampler,
+            json: Format::resolve(self.a.format.map(Into::into)) == Format::Json,
         };
-        if changed || self.is_json() {
-            self.emit(Event::Decision(d));
-        }
+        self.auto.step(&mut self.thr, snap, &s, &mut host)?;
         Ok(())
-    }
-
-    fn is_json(&self) -> bool {
-        Format::resolve(self.a.format.map(Into::into)) == Format::Json
     }
 
     /// One line per cap in force; a capped process that exited is released (not an error).

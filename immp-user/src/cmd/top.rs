@@ -7,7 +7,7 @@
 //! automatic policy is the same `decide`. Every cap set here is lifted on the way out (quit,
 //! stop signals, a panic while unwinding), or kept with `--keep-caps` for `immp restore`.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     io::{IsTerminal as _, Write as _},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -27,8 +27,7 @@ use crossterm::{
 };
 use immp_model::{
     Event, ProcId, Snapshot,
-    event::{Gone, Held, PredictionPair, Undo, Undone, Warning},
-    policy::{Action, Decision, PolicyState, decide},
+    event::{Held, Undo, Warning},
     text::clean,
     units::fmt_duration,
 };
@@ -36,6 +35,7 @@ use ratatui::{Terminal, backend::CrosstermBackend};
 
 use super::{
     args::{self, JournalArgs, LinkArgs, MechanismArg, ModeArg, ProbeArgs},
+    autocap::{AutoCap, Host},
     restore::undo_event,
     run::stop_requested,
 };
@@ -415,10 +415,49 @@ fn handle(m: Msg, app: &mut App, actor: &mut Actor) -> anyhow::Result<()> {
 struct Actor {
     thr: Option<Throttler>,
     ctl: Sender<Ctl>,
-    policy: PolicyState,
+    auto: AutoCap,
     owners: BTreeMap<ProcId, CapBy>,
-    /// Processes already reported as held by their own cgroup, or refused to the policy.
-    said: BTreeSet<ProcId>,
+}
+
+/// What the screen lends the policy loop: the log, who owns each cap, the collector.
+struct TopHost<'a> {
+    app: &'a mut App,
+    owners: &'a mut BTreeMap<ProcId, CapBy>,
+    ctl: &'a Sender<Ctl>,
+}
+
+impl Host for TopHost<'_> {
+    fn emit(&mut self, e: Event) {
+        // The prediction is drawn in the header (set_policy), not logged.
+        if !matches!(e, Event::Prediction(_)) {
+            self.app.log_event(&e, now_ms());
+        }
+    }
+
+    fn watch(&mut self, id: ProcId) {
+        let _ = self.ctl.send(Ctl::Watch(id));
+    }
+
+    fn unwatch(&mut self, id: ProcId) {
+        let _ = self.ctl.send(Ctl::Unwatch(id));
+    }
+
+    fn exempt(&self, id: ProcId) -> bool {
+        self.owners.get(&id) == Some(&CapBy::Operator) || self.app.exempt().contains(&id)
+    }
+
+    /// Kept decisions too: the detail pane shows them (the log skips them).
+    fn every_decision(&self) -> bool {
+        true
+    }
+
+    fn policy_capped(&mut self, id: ProcId) {
+        self.owners.insert(id, CapBy::Policy);
+    }
+
+    fn policy_lifted(&mut self, id: ProcId) {
+        self.owners.remove(&id);
+    }
 }
 
 impl Actor {
@@ -426,15 +465,14 @@ impl Actor {
         Self {
             thr,
             ctl,
-            policy: PolicyState::default(),
+            auto: AutoCap::default(),
             owners: BTreeMap::new(),
-            said: BTreeSet::new(),
         }
     }
 
     fn command(&mut self, c: Command, app: &mut App) {
         let r = match c {
-            Command::Cap { id, comm, pct } => self.cap(id, &comm, pct, CapBy::Operator, app),
+            Command::Cap { id, comm, pct } => self.cap(id, &comm, pct, app),
             Command::Lift { id, comm } => self.lift(id, &comm, app),
             Command::SetInterval(d) => {
                 let _ = self.ctl.send(Ctl::Interval(d));
@@ -445,15 +483,8 @@ impl Actor {
         self.sync(app);
     }
 
-    /// Caps `id` (new or changed); the one-line result for the status bar.
-    fn cap(
-        &mut self,
-        id: ProcId,
-        comm: &str,
-        pct: f64,
-        by: CapBy,
-        app: &mut App,
-    ) -> Result<String, String> {
+    /// Caps `id` for the operator (new or changed); the one-line result for the status bar.
+    fn cap(&mut self, id: ProcId, comm: &str, pct: f64, app: &mut App) -> Result<String, String> {
         let thr = self
             .thr
             .as_mut()
@@ -470,15 +501,14 @@ impl Actor {
         let who = format!("PID {} ({})", id.pid, clean(comm));
         match thr.cap(id, comm, pct) {
             Ok(CapOutcome::Capped) => {
-                self.owners.insert(id, by);
+                self.owners.insert(id, CapBy::Operator);
                 let mech = thr.mechanism();
                 if new {
                     let _ = self.ctl.send(Ctl::Watch(id));
                     if let Some(c) = thr.active().into_iter().find(|c| c.pid == id.pid) {
                         app.log_event(&Event::Capped(c), now_ms());
                     }
-                } else if by == CapBy::Operator {
-                    // The policy's changes are logged as its decisions, with their reasons.
+                } else {
                     let text = format!("{who}: cap changed to {pct:.1}% of one CPU");
                     app.info(now_ms(), text);
                 }
@@ -493,10 +523,7 @@ impl Actor {
                     limit_pct,
                     cgroup,
                 };
-                // The policy would say it every interval: once is enough.
-                if by == CapBy::Operator || self.said.insert(id) {
-                    app.log_event(&Event::Held(h), now_ms());
-                }
+                app.log_event(&Event::Held(h), now_ms());
                 Err(format!(
                     "{who} is already held at {limit_pct:.1}% by its cgroup: left as is"
                 ))
@@ -565,95 +592,33 @@ impl Actor {
     /// else is reported (its cap no longer applies). As `immp throttle` does.
     fn check_caps(&mut self, app: &mut App) {
         let Some(thr) = self.thr.as_mut() else { return };
-        for c in thr.active() {
-            let id = ProcId::new(c.pid, c.start_time);
-            // Gone only when (pid, start time) surely no longer exists.
-            let alive = procfs::exists(id) != Some(false);
-            if alive && thr.in_force(&id) {
-                continue;
-            }
-            self.owners.remove(&id);
-            let _ = self.ctl.send(Ctl::Unwatch(id));
-            let e = match thr.lift(&id) {
-                Ok(Some(undone)) if alive => {
-                    let undone = match undone {
-                        Undone::NothingToUndo => Undone::MovedAway {
-                            now_in: procfs::cpu_cgroup(c.pid),
-                        },
-                        u => u,
-                    };
-                    let (pid, start_time, comm) = (c.pid, c.start_time, c.comm);
-                    Event::MovedAway(Undo {
-                        pid,
-                        start_time,
-                        comm,
-                        undone,
-                    })
-                }
-                Ok(undone) => Event::Gone(Gone {
-                    pid: c.pid,
-                    start_time: c.start_time,
-                    comm: c.comm,
-                    undone,
-                }),
-                Err(e) => {
-                    let message =
-                        format!("PID {}: cap NOT lifted: {e:#}; run `immp restore`", c.pid);
-                    Event::Warning(Warning { message })
-                }
-            };
-            app.log_event(&e, now_ms());
-        }
+        let mut host = TopHost {
+            app,
+            owners: &mut self.owners,
+            ctl: &self.ctl,
+        };
+        super::autocap::release_stale(thr, &mut host);
     }
 
-    /// The automatic policy, as `immp throttle --auto` runs it; caps the operator set or
-    /// lifted are the operator's (the policy's decisions about them are not applied).
+    /// The automatic policy, as `immp throttle --auto` runs it (the shared loop of
+    /// `autocap`); caps the operator set or lifted are the operator's (the policy's decisions
+    /// about them are not applied).
     fn auto_step(&mut self, snap: &Snapshot, app: &mut App) {
-        let (Some(s), Some(thr)) = (app.settings.auto_settings(), &self.thr) else {
+        let (Some(s), Some(thr)) = (app.settings.auto_settings(), self.thr.as_mut()) else {
             return;
         };
-        let caps: BTreeMap<ProcId, f64> = thr
-            .active()
-            .iter()
-            .map(|c| (ProcId::new(c.pid, c.start_time), c.cap_pct))
-            .collect();
-        let o = decide(snap, &s, &caps, &mut self.policy);
-        app.set_policy(Some(PredictionPair {
-            without_caps: o.without_caps,
-            with_caps: o.with_caps,
-            target_s: o.target_s,
-            goal_met: o.goal_met,
-        }));
-        for d in o.decisions {
-            let id = d.id();
-            let operators = self.owners.get(&id) == Some(&CapBy::Operator);
-            if operators || app.exempt().contains(&id) {
-                continue;
-            }
-            self.apply(d, app);
-        }
-    }
-
-    /// Applies one policy decision; a decision is logged only when it changed something.
-    fn apply(&mut self, d: Decision, app: &mut App) {
-        let id = d.id();
-        let applied = match d.action {
-            Action::Cap { cap_pct } => match self.cap(id, &d.comm, cap_pct, CapBy::Policy, app) {
-                Ok(_) => true,
-                // Said once per process: a refusal every interval is noise.
-                Err(e) => {
-                    if self.said.insert(id) {
-                        let message = format!("automatic policy: {e}");
-                        app.log_event(&Event::Warning(Warning { message }), now_ms());
-                    }
-                    false
-                }
-            },
-            Action::Lift => self.lift(id, &d.comm, app).is_ok(),
-            Action::Keep { .. } => true, // kept for the detail pane, not logged
+        let mut host = TopHost {
+            app,
+            owners: &mut self.owners,
+            ctl: &self.ctl,
         };
-        if applied {
-            app.log_event(&Event::Decision(d), now_ms());
+        let r = self.auto.step(thr, snap, &s, &mut host);
+        match r {
+            Ok(pair) => app.set_policy(Some(pair)),
+            Err(e) => {
+                let message = format!("automatic policy: cap NOT lifted: {e:#} (immp restore)");
+                app.log_event(&Event::Warning(Warning { message }), now_ms());
+            }
         }
     }
 

@@ -7,6 +7,7 @@ use immp_model::Event;
 pub mod csv;
 pub mod doctor;
 pub mod json;
+pub mod metrics;
 pub mod text;
 pub mod tui;
 
