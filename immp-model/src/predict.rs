@@ -309,7 +309,11 @@ mod tests {
         assert_eq!(w.dirtied(5.0, None), 50e6);
         let rewriter = Writer::linear(10e6, 20e6, 100.0);
         assert_eq!(rewriter.dirtied(5.0, None), 20e6);
-        assert_eq!(w.dirtied(5.0, Some(50.0)), 25e6, "a cap slows the growth too");
+        assert_eq!(
+            w.dirtied(5.0, Some(50.0)),
+            25e6,
+            "a cap slows the growth too"
+        );
     }
 
     #[test]

@@ -155,9 +155,15 @@ pub struct LinkArgs {
 }
 
 impl LinkArgs {
+    /// The link now: round 0 is --ram, or the guest's non-zero memory as last sampled (it
+    /// grows as processes touch new memory; callers ask again every interval).
     pub fn link(&self) -> Option<Link> {
-        let ram = self.ram.unwrap_or_else(|| nonzero::round_zero().bytes());
-        self.bandwidth.map(|bw| Link::new(bw, ram, self.downtime))
+        self.bandwidth
+            .map(|bw| Link::new(bw, self.ram_now(), self.downtime))
+    }
+
+    pub fn ram_now(&self) -> f64 {
+        self.ram.unwrap_or_else(|| nonzero::round_zero().bytes())
     }
 }
 

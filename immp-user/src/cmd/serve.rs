@@ -216,11 +216,7 @@ impl<'a> Agent<'a> {
             bandwidth: a.link.bandwidth,
             auto: a.auto,
         });
-        let settings = a.link.link().filter(|_| a.auto).map(|l| AutoSettings {
-            immp_share: a.link.immp_share,
-            headroom: a.headroom,
-            ..AutoSettings::new(l, a.floor, a.target)
-        });
+        let settings = auto_settings(&a);
         Self {
             a,
             sampler,
@@ -288,7 +284,9 @@ impl<'a> Agent<'a> {
     /// Released caps of processes gone, then the policy; a cap that could not be lifted is the
     /// error (after the metrics are published: the run then ends and lifts everything).
     fn auto_step(&mut self, snap: &Snapshot) -> anyhow::Result<()> {
-        let (Some(thr), Some(s)) = (self.thr.as_mut(), self.settings) else {
+        // Built again each interval: round 0 (and the default goal) follow the guest's memory.
+        let s = self.settings.and_then(|_| auto_settings(&self.a));
+        let (Some(thr), Some(s)) = (self.thr.as_mut(), s) else {
             return Ok(());
         };
         let mut host = ServeHost {
@@ -386,4 +384,12 @@ pub fn health(p: &Published, now: u64, started: Instant) -> (bool, String) {
         true,
         format!("ok: collecting, {n} samples, last {age:.1}s ago\n"),
     )
+}
+
+fn auto_settings(a: &ServeArgs) -> Option<AutoSettings> {
+    a.link.link().filter(|_| a.auto).map(|l| AutoSettings {
+        immp_share: a.link.immp_share,
+        headroom: a.headroom,
+        ..AutoSettings::new(l, a.floor, a.target)
+    })
 }

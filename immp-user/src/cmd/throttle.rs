@@ -283,7 +283,8 @@ impl Run<'_> {
     }
 
     fn auto_step(&mut self, snap: &Snapshot) -> anyhow::Result<()> {
-        let Some(s) = self.settings else {
+        // Built again each interval: round 0 (and the default goal) follow the guest's memory.
+        let Some(s) = self.settings.and_then(|_| auto_settings(self.a)) else {
             return Ok(());
         };
         let mut host = ThrottleHost {

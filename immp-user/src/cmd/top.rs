@@ -45,7 +45,7 @@ use crate::{
         throttle::{CapOutcome, Throttler},
     },
     collect::{
-        procfs,
+        nonzero,
         sampler::{Sampler, SamplerOptions},
     },
     view::tui::{App, CapBy, CapView, Command, Settings, draw::draw},
@@ -156,6 +156,7 @@ pub fn run(a: TopArgs) -> anyhow::Result<i32> {
     let ctl = spawn_collector(sampler, a.interval, tx.clone())?;
     spawn_input(tx)?;
     let mut actor = Actor::new(act, ctl.clone());
+    actor.fresh_ram = a.link.ram.is_none();
     let res = screen(&mut app, &rx, &mut actor);
     let _ = ctl.send(Ctl::Stop);
     let failed = actor.finish(a.keep_caps, &a.journal.journal_dir);
@@ -174,7 +175,7 @@ fn settings(a: &TopArgs, exact: bool) -> Settings {
     };
     Settings {
         bandwidth: a.link.bandwidth,
-        ram: a.link.ram.unwrap_or_else(procfs::mem_used),
+        ram: a.link.ram_now(),
         downtime: a.link.downtime,
         immp_share: a.link.immp_share,
         floor_pct: a.floor,
@@ -417,6 +418,8 @@ struct Actor {
     ctl: Sender<Ctl>,
     auto: AutoCap,
     owners: BTreeMap<ProcId, CapBy>,
+    /// No --ram: round 0 follows the guest's non-zero memory.
+    fresh_ram: bool,
 }
 
 /// What the screen lends the policy loop: the log, who owns each cap, the collector.
@@ -467,6 +470,7 @@ impl Actor {
             ctl,
             auto: AutoCap::default(),
             owners: BTreeMap::new(),
+            fresh_ram: false,
         }
     }
 
@@ -579,6 +583,9 @@ impl Actor {
     }
 
     fn on_snapshot(&mut self, snap: &Snapshot, app: &mut App) {
+        if self.fresh_ram {
+            app.settings.ram = nonzero::round_zero().bytes();
+        }
         self.check_caps(app);
         if app.settings.auto {
             self.auto_step(snap, app);
