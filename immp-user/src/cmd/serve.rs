@@ -216,7 +216,7 @@ impl<'a> Agent<'a> {
             bandwidth: a.link.bandwidth,
             auto: a.auto,
         });
-        let settings = auto_settings(&a);
+        let settings = auto_settings(a);
         Self {
             a,
             sampler,
@@ -285,7 +285,7 @@ impl<'a> Agent<'a> {
     /// error (after the metrics are published: the run then ends and lifts everything).
     fn auto_step(&mut self, snap: &Snapshot) -> anyhow::Result<()> {
         // Built again each interval: round 0 (and the default goal) follow the guest's memory.
-        let s = self.settings.and_then(|_| auto_settings(&self.a));
+        let s = self.settings.and_then(|_| auto_settings(self.a));
         let (Some(thr), Some(s)) = (self.thr.as_mut(), s) else {
             return Ok(());
         };
