@@ -421,9 +421,11 @@ impl Sample {
         }
         writeln!(
             f,
-            "total dirty {}{link}; not attributed to a process: {} (kernel allocations)",
+            "total dirty {}{link}; not attributed to a process: {} (kernel allocations); \
+             immp itself: {}",
             fmt_rate(self.totals.dirty_bytes_per_s),
-            fmt_rate(self.totals.unattributed_bytes_per_s)
+            fmt_rate(self.totals.unattributed_bytes_per_s),
+            fmt_rate(self.totals.agent_dirty_bytes_per_s)
         )?;
         if let Some(p) = self.prediction {
             match p.total_s {

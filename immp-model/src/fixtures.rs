@@ -46,5 +46,6 @@ pub fn snap(processes: Vec<ProcSample>) -> Snapshot {
             ..Totals::default()
         },
         processes,
+        agent_pid: None,
     }
 }

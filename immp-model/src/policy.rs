@@ -199,6 +199,7 @@ fn observe(snap: &Snapshot, caps: &BTreeMap<ProcId, f64>, st: &mut PolicyState) 
 /// one background writer, all inflated by the headroom.
 struct Planner {
     writers: Vec<(ProcId, Writer, f64)>,
+    agent: Option<u32>,
     background: Writer,
     link: Link,
     target: Duration,
@@ -237,6 +238,7 @@ impl Planner {
         let rest = (guest - named).max(0.0) * margin;
         Self {
             writers,
+            agent: snap.agent_pid,
             background: Writer::linear(rest, s.link.ram, 0.0),
             link: s.link,
             target: s.target,
@@ -347,6 +349,8 @@ fn desired_caps(
     let mut blamed: Vec<&(ProcId, Writer, f64)> = pl
         .writers
         .iter()
+        // immp's own dirtying counts in the prediction, but immp never caps itself.
+        .filter(|(id, _, _)| Some(id.pid) != pl.agent)
         .filter(|(_, w, _)| w.rate >= s.immp_share * s.link.bandwidth)
         // A cap at or above the CPU a process uses changes nothing.
         .filter(|(_, w, _)| w.cpu_pct > s.floor_pct)
@@ -731,6 +735,22 @@ mod tests {
         // Goal 1.25 x 7.68 s: the guest may dirty a fifth of the link, 2.5 MB/s.
         assert!(budget > 1.5e6 && budget < 3.5e6, "budget {budget}");
         assert!(cap_of(&o, 7).is_some_and(|c| c < 50.0), "{d:?}");
+    }
+
+    /// immp's own dirtying counts in the prediction but immp never caps itself.
+    #[test]
+    fn the_agent_is_never_capped() {
+        let s = settings();
+        let mut snap = snap(vec![writer(3, 30e6, 90.0)]);
+        snap.agent_pid = Some(3);
+        let o = decide(
+            &at(snap, 1),
+            &s,
+            &BTreeMap::new(),
+            &mut PolicyState::default(),
+        );
+        assert!(o.decisions.is_empty(), "{:?}", o.decisions);
+        assert!(!o.without_caps.converges, "its 30 MB/s still counts");
     }
 
     #[test]

@@ -76,7 +76,8 @@ pub fn rank(snap: &Snapshot, s: &RankSettings) -> Ranking {
         .map(|p| {
             let link_share = s.bandwidth.map(|bw| p.dirty_bytes_per_s / bw);
             let verdict = link_share.map(|share| {
-                if share >= s.immp_share {
+                // immp itself is measured and shown, but it is the tool, not the suspect.
+                if share >= s.immp_share && !snap.is_agent(p) {
                     Verdict::Immp
                 } else if p.dirty_bytes_per_s > 0.0 {
                     Verdict::Writer
@@ -139,5 +140,29 @@ mod tests {
         assert_eq!(v, vec![Verdict::Immp, Verdict::Writer, Verdict::Quiet]);
         let share = r.link_share.unwrap();
         assert!((share - 1100.0 * 4096.0 / 12_500_000.0).abs() < 1e-9);
+    }
+
+    /// The immp that measured is measured and shown, never called an IMMP.
+    #[test]
+    fn immp_itself_is_never_an_immp() {
+        let mut snap = crate::fixtures::snap(vec![
+            crate::fixtures::proc_(10, 3000.0, 90.0),
+            crate::fixtures::proc_(11, 3000.0, 90.0),
+        ]);
+        snap.agent_pid = Some(11);
+        let s = RankSettings {
+            bandwidth: Some(12.5e6),
+            ..RankSettings::default()
+        };
+        let r = rank(&snap, &s);
+        let v = |pid| {
+            r.processes
+                .iter()
+                .find(|p| p.proc_.pid == pid)
+                .unwrap()
+                .verdict
+        };
+        assert_eq!(v(10), Some(Verdict::Immp));
+        assert_eq!(v(11), Some(Verdict::Writer));
     }
 }

@@ -151,6 +151,9 @@ pub struct Totals {
     pub unattributed_bytes_per_s: f64,
     /// The guest's whole dirty rate as immp estimates it: attributed plus unattributed.
     pub guest_dirty_bytes_per_s: f64,
+    /// immp's own dirtying (part of the totals: a migration resends it too), shown apart and
+    /// never a verdict.
+    pub agent_dirty_bytes_per_s: f64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
@@ -193,6 +196,17 @@ pub struct Snapshot {
     /// Every process with activity in the interval, plus every one asked for; unsorted
     /// (ranking is `rank`'s job).
     pub processes: Vec<ProcSample>,
+    /// The PID of the immp that took this snapshot: measured like any process, never an
+    /// IMMP, never capped by the policy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_pid: Option<u32>,
+}
+
+impl Snapshot {
+    /// Is this process the immp that measured?
+    pub fn is_agent(&self, p: &ProcSample) -> bool {
+        self.agent_pid == Some(p.pid)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]

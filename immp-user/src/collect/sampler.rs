@@ -396,6 +396,7 @@ impl<C: CounterSource, P: ProcSource> Sampler<C, P> {
             health,
             totals,
             processes,
+            agent_pid: Some(std::process::id()),
         }
     }
 
@@ -592,6 +593,9 @@ impl<C: CounterSource, P: ProcSource> Sampler<C, P> {
             ..Totals::default()
         };
         for p in processes {
+            if p.pid == std::process::id() {
+                t.agent_dirty_bytes_per_s = p.rates.dirty * self.page_size as f64;
+            }
             t.dirty_pages_per_s += p.rates.dirty;
             if p.rates.dirty + p.rates.read > 0.0 {
                 t.active_processes += 1;
