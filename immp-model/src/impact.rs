@@ -63,7 +63,7 @@ impl Guest {
             .filter(|(id, _)| Some(*id) != skip)
             .map(|(id, w)| (w.clone(), cap.filter(|c| c.0 == *id).map(|c| c.1)))
             .collect();
-        v.push((Writer::linear(self.rest, self.link.ram, 0.0), None));
+        v.push((Writer::linear(self.rest, self.link.memory, 0.0), None));
         predict(&self.link, &v)
     }
 

@@ -239,7 +239,7 @@ impl Planner {
         Self {
             writers,
             agent: snap.agent_pid,
-            background: Writer::linear(rest, s.link.ram, 0.0),
+            background: Writer::linear(rest, s.link.memory, 0.0),
             link: s.link,
             target: s.target,
         }
@@ -314,7 +314,9 @@ fn writer_of(p: &ProcSample, t: &Track, cap: Option<f64>, margin: f64, page: f64
     Writer {
         rate: rate * margin,
         working_set: p.rss_bytes.max(4096) as f64,
-        growth: p.rates.write_new * page * margin,
+        // The share of its writes that touch new pages, measured now, applied to its
+        // uncapped rate (a rate measured under a cap would be slowed by the cap twice).
+        growth: rate * margin * new_share(p, page),
         cpu_pct: cpu,
         curve: p
             .curve
@@ -322,6 +324,15 @@ fn writer_of(p: &ProcSample, t: &Track, cap: Option<f64>, margin: f64, page: f64
             .map(|c| (c.window_s, c.pages * page * margin))
             .collect(),
         response: t.response.values().map(|(c, r)| (*c, r * margin)).collect(),
+    }
+}
+
+/// The share of a process's dirtying that touches pages for the first time (0..=1).
+fn new_share(p: &ProcSample, page: f64) -> f64 {
+    if p.dirty_bytes_per_s > 0.0 {
+        (p.rates.write_new * page / p.dirty_bytes_per_s).clamp(0.0, 1.0)
+    } else {
+        0.0
     }
 }
 
@@ -735,6 +746,23 @@ mod tests {
         // Goal 1.25 x 7.68 s: the guest may dirty a fifth of the link, 2.5 MB/s.
         assert!(budget > 1.5e6 && budget < 3.5e6, "budget {budget}");
         assert!(cap_of(&o, 7).is_some_and(|c| c < 50.0), "{d:?}");
+    }
+
+    /// Under a cap a first-pass writer's growth is its uncapped rate times the share of new
+    /// pages, not the capped figure (which the cap would slow a second time).
+    #[test]
+    fn growth_under_a_cap_comes_from_the_uncapped_rate() {
+        let mut p = proc_(5, 2e6 / 4096.0, 20.0); // all new pages, 2 MB/s under a 20 % cap
+        p.rss_bytes = 4 << 20;
+        let t = Track {
+            uncapped: Some((10e6, 100.0)),
+            ..Track::default()
+        };
+        let w = writer_of(&p, &t, Some(20.0), 1.0, 4096.0);
+        assert_eq!(w.rate, 10e6);
+        assert_eq!(w.growth, 10e6);
+        // In 5 s under the cap it touches 5 s x 10 MB/s x 0.2 of new pages, plus its RSS.
+        assert!((w.dirtied(5.0, Some(20.0)) - 10e6).abs() < 1.0);
     }
 
     /// immp's own dirtying counts in the prediction but immp never caps itself.

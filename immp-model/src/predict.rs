@@ -12,8 +12,11 @@ use serde::Serialize;
 pub struct Link {
     /// Bytes per second available to migration.
     pub bandwidth: f64,
-    /// Guest RAM, bytes (sent whole in round 0).
+    /// What round 0 sends, bytes: the guest's non-zero memory (zero pages cost nothing).
     pub ram: f64,
+    /// The guest's whole memory, bytes: the most a later round can resend (a writer touching
+    /// zero pages grows past what round 0 sent).
+    pub memory: f64,
     /// Stop-and-copy when the remainder takes at most this long.
     pub downtime_limit: Duration,
     /// Give up (not converging) after this many rounds.
@@ -28,8 +31,17 @@ impl Link {
         Self {
             bandwidth,
             ram,
+            memory: ram,
             downtime_limit,
             max_rounds: Self::MAX_ROUNDS,
+        }
+    }
+
+    /// The guest's whole memory, when known (never below round 0).
+    pub fn with_memory(self, memory: f64) -> Self {
+        Self {
+            memory: memory.max(self.ram),
+            ..self
         }
     }
 }
@@ -183,7 +195,7 @@ pub fn predict(link: &Link, writers: &[(Writer, Option<f64>)]) -> Prediction {
             .iter()
             .map(|(w, cap)| w.dirtied(t, *cap))
             .sum::<f64>()
-            .min(link.ram)
+            .min(link.memory)
     };
     let mut send = link.ram;
     let mut elapsed = 0.0;
@@ -296,6 +308,25 @@ mod tests {
             (streaming.dirtied(10.0, None) - 50e6).abs() < 1.0,
             "linear continuation"
         );
+    }
+
+    /// Round 0 sends only the non-zero memory, but a writer touching zero pages can resend
+    /// more than that in a later round: the bound is the guest's whole memory.
+    #[test]
+    fn later_rounds_are_bounded_by_memory_not_by_round_zero() {
+        let small = Link::new(10e6, 20e6, Duration::from_millis(300));
+        let w = Writer {
+            growth: 30e6,
+            ..Writer::linear(30e6, 1e6, 100.0)
+        };
+        let p = predict(&small.with_memory(1e9), &[(w.clone(), None)]);
+        assert!(
+            !p.converges,
+            "30 MB/s of new pages on a 10 MB/s link: {p:?}"
+        );
+        let clamped = predict(&small, &[(w, None)]);
+        assert!(clamped.bytes_sent > 20e6);
+        assert_eq!(small.with_memory(1e6).memory, 20e6, "never below round 0");
     }
 
     /// A first pass over a large buffer: 20 MB resident now, every write a new page. Its

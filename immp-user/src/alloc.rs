@@ -66,7 +66,10 @@ unsafe impl GlobalAlloc for ZeroOnFree {
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         if in_arena(ptr) {
-            // Zeroed with the whole mapping when the scope ends.
+            // Zeroed now too: should something made in the scope outlive it, the mapping is
+            // kept, and what is freed in it later must still leave zero pages.
+            // SAFETY: the block is ours until this call returns.
+            unsafe { std::ptr::write_bytes(ptr, 0, layout.size()) };
             LIVE.fetch_sub(1, SeqCst);
             return;
         }
@@ -94,21 +97,49 @@ pub fn scratch<T>(f: impl FnOnce() -> T) -> (T, bool) {
     let Some(base) = open_arena() else {
         return (f(), false);
     };
-    IN_SCRATCH.with(|c| c.set(true));
+    let scope = Scope { base };
     let out = f();
-    IN_SCRATCH.with(|c| c.set(false));
-    if LIVE.load(SeqCst) != 0 {
-        // Something made in the scope is still in use: keep the mapping for good.
-        return (out, false);
+    (out, scope.close())
+}
+
+/// This thread allocates in the arena while a `Scope` lives; dropped (also on a panic), it
+/// stops, and gives the mapping back if nothing in it is alive.
+struct Scope {
+    base: usize,
+}
+
+impl Scope {
+    fn close(self) -> bool {
+        let given_back = self.end();
+        std::mem::forget(self);
+        given_back
     }
-    let used = USED.load(SeqCst);
-    // SAFETY: [base, base + used) is our mapping and nothing in it is alive; zero, then unmap.
-    unsafe {
-        std::ptr::write_bytes(base as *mut u8, 0, used);
-        libc::munmap(base as *mut libc::c_void, RESERVE);
+
+    fn end(&self) -> bool {
+        IN_SCRATCH.with(|c| c.set(false));
+        if LIVE.load(SeqCst) != 0 {
+            // Something made in the scope is still in use: keep the mapping for good (every
+            // block freed in it is zeroed as it goes).
+            return false;
+        }
+        let used = USED.load(SeqCst);
+        // Unregistered first: once the range is unmapped the kernel may hand it to someone
+        // else, whose frees must not look like ours.
+        BASE.store(0, SeqCst);
+        // SAFETY: [base, base + used) is our mapping and nothing in it is alive; zero, then
+        // unmap.
+        unsafe {
+            std::ptr::write_bytes(self.base as *mut u8, 0, used);
+            libc::munmap(self.base as *mut libc::c_void, RESERVE);
+        }
+        true
     }
-    BASE.store(0, SeqCst);
-    (out, true)
+}
+
+impl Drop for Scope {
+    fn drop(&mut self) {
+        self.end();
+    }
 }
 
 fn open_arena() -> Option<usize> {
@@ -139,6 +170,7 @@ fn open_arena() -> Option<usize> {
     }
     USED.store(0, SeqCst);
     LIVE.store(0, SeqCst);
+    IN_SCRATCH.with(|c| c.set(true));
     Some(p as usize)
 }
 

@@ -158,8 +158,9 @@ impl LinkArgs {
     /// The link now: round 0 is --ram, or the guest's non-zero memory as last sampled (it
     /// grows as processes touch new memory; callers ask again every interval).
     pub fn link(&self) -> Option<Link> {
-        self.bandwidth
-            .map(|bw| Link::new(bw, self.ram_now(), self.downtime))
+        self.bandwidth.map(|bw| {
+            Link::new(bw, self.ram_now(), self.downtime).with_memory(nonzero::ram_bytes())
+        })
     }
 
     pub fn ram_now(&self) -> f64 {

@@ -80,11 +80,11 @@ pub struct ServeArgs {
     /// Lowest cap the automatic policy may set (QoS floor)
     #[arg(long, default_value = "15%", value_parser = args::cap)]
     pub floor: f64,
-    /// Migration time the automatic policy aims at; default 1.3 x the idle guest's
+    /// Migration time the automatic policy aims at; default 1.25 x the idle guest's
     #[arg(long, value_parser = args::positive_duration)]
     pub target: Option<Duration>,
     /// Share of the dirtying the counts may miss (the policy plans with rate / (1 - headroom))
-    #[arg(long, default_value = "30%", value_parser = args::headroom)]
+    #[arg(long, default_value = "15%", value_parser = args::headroom)]
     pub headroom: f64,
     /// Stop after this long (a deadline; default: until a stop signal)
     #[arg(long, value_parser = args::positive_duration)]

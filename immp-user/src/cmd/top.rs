@@ -176,6 +176,7 @@ fn settings(a: &TopArgs, exact: bool) -> Settings {
     Settings {
         bandwidth: a.link.bandwidth,
         ram: a.link.ram_now(),
+        memory: nonzero::ram_bytes(),
         downtime: a.link.downtime,
         immp_share: a.link.immp_share,
         floor_pct: a.floor,

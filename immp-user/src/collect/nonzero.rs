@@ -76,6 +76,9 @@ impl Kcore {
     pub fn estimate(&self, n: usize, seed: u64) -> io::Result<Estimate> {
         let total: u64 = self.ram.iter().map(|s| s.len).sum();
         let pages = total / PAGE;
+        if n == 0 || pages == 0 {
+            return Err(io::Error::other("nothing to sample"));
+        }
         let mut rng = XorShift(seed | 1);
         let mut buf = vec![0u8; PAGE as usize];
         let mut nonzero = 0;
@@ -187,8 +190,10 @@ impl RoundZero {
 
 static CACHE: Mutex<Option<(Instant, RoundZero)>> = Mutex::new(None);
 
-/// Round 0 of an idle migration now, sampled at most every 30 s (process-wide: every command
-/// and view asks the same question of the same memory).
+/// Round 0 of an idle migration now, sampled at most every 5 s (process-wide: every command
+/// and view asks the same question of the same memory). A sample that fails after one that
+/// worked keeps the last good one: the goal must not drop to the in-use lower bound for a
+/// moment.
 pub fn round_zero() -> RoundZero {
     let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
     if let Some((at, r)) = *cache
@@ -196,9 +201,20 @@ pub fn round_zero() -> RoundZero {
     {
         return r;
     }
-    let r = measure();
+    let r = match (measure(), *cache) {
+        (RoundZero::InUse(..), Some((_, last @ RoundZero::Sampled(_)))) => last,
+        (r, _) => r,
+    };
     *cache = Some((Instant::now(), r));
     r
+}
+
+/// The guest's RAM as kcore exposes it (what a round can dirty at most), else MemTotal.
+pub fn ram_bytes() -> f64 {
+    match round_zero() {
+        RoundZero::Sampled(e) => e.ram_bytes,
+        RoundZero::InUse(..) => super::procfs::mem_total(),
+    }
 }
 
 fn measure() -> RoundZero {

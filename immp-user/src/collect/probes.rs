@@ -391,15 +391,18 @@ fn loader_without_kernel_btf<'a>() -> Option<EbpfLoader<'a>> {
         };
         ok.then_some(())
     };
-    std::thread::spawn(move || {
-        hide()?;
-        let mut l = EbpfLoader::new();
-        l.btf(None);
-        Some(l)
-    })
-    .join()
-    .ok()
-    .flatten()
+    std::thread::Builder::new()
+        .name("immp-loader".into())
+        .spawn(move || {
+            hide()?;
+            let mut l = EbpfLoader::new();
+            l.btf(None);
+            Some(l)
+        })
+        .ok()?
+        .join()
+        .ok()
+        .flatten()
 }
 
 const TRACEFS: &str = "/sys/kernel/tracing";

@@ -25,6 +25,8 @@ pub struct Settings {
     pub bandwidth: Option<f64>,
     /// What round 0 of a migration sends (bytes).
     pub ram: f64,
+    /// The guest's whole memory (bytes): the most a round can resend.
+    pub memory: f64,
     pub downtime: Duration,
     pub immp_share: f64,
     pub floor_pct: f64,
@@ -42,7 +44,7 @@ pub struct Settings {
 impl Settings {
     pub fn link(&self) -> Option<Link> {
         self.bandwidth
-            .map(|bw| Link::new(bw, self.ram, self.downtime))
+            .map(|bw| Link::new(bw, self.ram, self.downtime).with_memory(self.memory))
     }
 
     /// The automatic policy's settings, as `immp throttle --auto` builds them.
