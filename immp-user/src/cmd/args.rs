@@ -3,7 +3,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, ValueEnum};
-use immp_model::{predict::Link, units};
+use immp_model::{policy::default_target, predict::Link, units};
 
 use crate::{
     act::mechanism::MechanismChoice,
@@ -165,6 +165,14 @@ impl LinkArgs {
 
     pub fn ram_now(&self) -> f64 {
         self.ram.unwrap_or_else(|| nonzero::round_zero().bytes())
+    }
+
+    /// The default goal of `--auto` (`target` unless given): a multiple of the idle
+    /// migration, with round 0 as `nonzero::goal_round_zero` has it (or --ram).
+    pub fn goal(&self, target: Option<Duration>) -> Option<Duration> {
+        let ram = self.ram.unwrap_or_else(nonzero::goal_round_zero);
+        let link = self.link()?;
+        Some(target.unwrap_or_else(|| default_target(&Link { ram, ..link })))
     }
 }
 

@@ -390,6 +390,6 @@ fn auto_settings(a: &ServeArgs) -> Option<AutoSettings> {
     a.link.link().filter(|_| a.auto).map(|l| AutoSettings {
         immp_share: a.link.immp_share,
         headroom: a.headroom,
-        ..AutoSettings::new(l, a.floor, a.target)
+        ..AutoSettings::new(l, a.floor, a.link.goal(a.target))
     })
 }

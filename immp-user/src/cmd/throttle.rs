@@ -181,7 +181,7 @@ fn open_sampler(
 }
 
 fn auto_settings(a: &ThrottleArgs) -> Option<AutoSettings> {
-    let base = AutoSettings::new(a.link.link()?, a.floor, a.target);
+    let base = AutoSettings::new(a.link.link()?, a.floor, a.link.goal(a.target));
     Some(AutoSettings {
         immp_share: a.link.immp_share,
         headroom: a.headroom,

@@ -177,6 +177,7 @@ fn settings(a: &TopArgs, exact: bool) -> Settings {
         bandwidth: a.link.bandwidth,
         ram: a.link.ram_now(),
         memory: nonzero::ram_bytes(),
+        goal_ram: None,
         downtime: a.link.downtime,
         immp_share: a.link.immp_share,
         floor_pct: a.floor,
@@ -586,6 +587,7 @@ impl Actor {
     fn on_snapshot(&mut self, snap: &Snapshot, app: &mut App) {
         if self.fresh_ram {
             app.settings.ram = nonzero::round_zero().bytes();
+            app.settings.goal_ram = Some(nonzero::goal_round_zero());
         }
         self.check_caps(app);
         if app.settings.auto {

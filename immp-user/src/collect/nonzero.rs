@@ -190,6 +190,33 @@ impl RoundZero {
 
 static CACHE: Mutex<Option<(Instant, RoundZero)>> = Mutex::new(None);
 
+/// Round-0 figures of the last `GOAL_MEMORY`, for the goal (see `goal_round_zero`).
+static HISTORY: Mutex<Vec<(Instant, f64)>> = Mutex::new(Vec::new());
+const GOAL_MEMORY: Duration = Duration::from_secs(300);
+
+/// Round 0 as the default goal sees it: its lowest figure over the last 5 minutes. The goal is
+/// a multiple of an idle migration; a writer's first pass over a new buffer grows round 0 by
+/// the very pages it dirties, and a goal that followed at once would let the writer raise its
+/// own budget (in the lab the light writer's cap went from 31 % to 44 % that way). Lasting
+/// growth (a page cache filling over hours) reaches the goal after 5 minutes.
+pub fn goal_round_zero() -> f64 {
+    let now = round_zero().bytes();
+    let mut h = HISTORY.lock().unwrap_or_else(|p| p.into_inner());
+    lowest_recent(&mut h, Instant::now(), now)
+}
+
+/// Records `value` at `now` (one figure per refresh) and returns the lowest of the last
+/// `GOAL_MEMORY`.
+fn lowest_recent(h: &mut Vec<(Instant, f64)>, now: Instant, value: f64) -> f64 {
+    h.retain(|(at, _)| now.duration_since(*at) < GOAL_MEMORY);
+    if h.last()
+        .is_none_or(|(at, _)| now.duration_since(*at) >= REFRESH)
+    {
+        h.push((now, value));
+    }
+    h.iter().map(|(_, b)| *b).fold(value, f64::min)
+}
+
 /// Round 0 of an idle migration now, sampled at most every 5 s (process-wide: every command
 /// and view asks the same question of the same memory). A sample that fails after one that
 /// worked keeps the last good one: the goal must not drop to the in-use lower bound for a
@@ -294,6 +321,22 @@ mod tests {
         assert_eq!(k.offset_of(0), 100);
         assert_eq!(k.offset_of(PAGE + 5), 100 + PAGE + 5);
         assert_eq!(k.offset_of(2 * PAGE), 9000);
+    }
+
+    #[test]
+    fn the_goal_sees_the_lowest_round_zero_of_the_last_five_minutes() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut h = Vec::new();
+        assert_eq!(lowest_recent(&mut h, at(0), 100.0), 100.0);
+        // A writer's first pass: round 0 grows, the goal does not follow.
+        assert_eq!(lowest_recent(&mut h, at(10), 300.0), 100.0);
+        assert_eq!(lowest_recent(&mut h, at(200), 320.0), 100.0);
+        // Five minutes later the growth has lasted: the goal follows.
+        assert_eq!(lowest_recent(&mut h, at(305), 320.0), 300.0);
+        assert_eq!(lowest_recent(&mut h, at(520), 320.0), 320.0);
+        // A drop is followed at once.
+        assert_eq!(lowest_recent(&mut h, at(525), 90.0), 90.0);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use immp_model::{
     ProcId, Snapshot,
     event::Mechanism,
     impact::{Impact, assess},
-    policy::AutoSettings,
+    policy::{AutoSettings, default_target},
     predict::{Link, Prediction},
     rank::{RankSettings, Ranked, rank},
     snapshot::ProcSample,
@@ -27,6 +27,9 @@ pub struct Settings {
     pub ram: f64,
     /// The guest's whole memory (bytes): the most a round can resend.
     pub memory: f64,
+    /// Round 0 the default goal is a multiple of (slower to follow than `ram`: see
+    /// `collect::nonzero::goal_round_zero`); None: `ram`.
+    pub goal_ram: Option<f64>,
     pub downtime: Duration,
     pub immp_share: f64,
     pub floor_pct: f64,
@@ -49,7 +52,13 @@ impl Settings {
 
     /// The automatic policy's settings, as `immp throttle --auto` builds them.
     pub fn auto_settings(&self) -> Option<AutoSettings> {
-        let base = AutoSettings::new(self.link()?, self.floor_pct, self.target);
+        let link = self.link()?;
+        let goal = Link {
+            ram: self.goal_ram.unwrap_or(self.ram),
+            ..link
+        };
+        let target = self.target.unwrap_or_else(|| default_target(&goal));
+        let base = AutoSettings::new(link, self.floor_pct, Some(target));
         Some(AutoSettings {
             immp_share: self.immp_share,
             headroom: self.headroom,

@@ -25,6 +25,7 @@ fn settings() -> Settings {
         bandwidth: Some(12.5e6),
         ram: 96e6,
         memory: 512e6,
+        goal_ram: None,
         downtime: Duration::from_millis(300),
         immp_share: 0.25,
         floor_pct: 15.0,
