@@ -3,7 +3,11 @@
 use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, ValueEnum};
-use immp_model::{policy::default_target, predict::Link, units};
+use immp_model::{
+    policy::{AutoSettings, default_target},
+    predict::Link,
+    units,
+};
 
 use crate::{
     act::mechanism::MechanismChoice,
@@ -173,6 +177,36 @@ impl LinkArgs {
         let ram = self.ram.unwrap_or_else(nonzero::goal_round_zero);
         let link = self.link()?;
         Some(target.unwrap_or_else(|| default_target(&Link { ram, ..link })))
+    }
+}
+
+/// What the automatic cap policy may do: `throttle --auto`, `top` and `serve --auto` take the
+/// same three options.
+#[derive(Args, Debug, Clone)]
+pub struct PolicyArgs {
+    /// Lowest cap the automatic policy may set (QoS floor)
+    #[arg(long, default_value = "15%", value_parser = cap)]
+    pub floor: f64,
+    /// Migration time the automatic policy aims at (e.g. 60s); default: 1.25 x the idle guest's
+    /// migration time (its non-zero memory / bandwidth), shown at start
+    #[arg(long, value_parser = positive_duration)]
+    pub target: Option<Duration>,
+    /// Share of the dirtying the counts may miss (kernel work on a process's behalf, noise):
+    /// measured rates are planned as rate / (1 - headroom)
+    #[arg(long, default_value = "15%", value_parser = headroom)]
+    pub headroom: f64,
+}
+
+impl PolicyArgs {
+    /// The policy's settings now: round 0 and the default goal as `LinkArgs` has them at this
+    /// moment (ask every interval). None without a bandwidth.
+    pub fn settings(&self, link: &LinkArgs) -> Option<AutoSettings> {
+        let base = AutoSettings::new(link.link()?, self.floor, link.goal(self.target));
+        Some(AutoSettings {
+            immp_share: link.immp_share,
+            headroom: self.headroom,
+            ..base
+        })
     }
 }
 

@@ -77,15 +77,8 @@ pub struct ServeArgs {
     /// Also run the automatic cap policy (as `immp throttle --auto`)
     #[arg(long, requires = "bandwidth")]
     pub auto: bool,
-    /// Lowest cap the automatic policy may set (QoS floor)
-    #[arg(long, default_value = "15%", value_parser = args::cap)]
-    pub floor: f64,
-    /// Migration time the automatic policy aims at; default 1.25 x the idle guest's
-    #[arg(long, value_parser = args::positive_duration)]
-    pub target: Option<Duration>,
-    /// Share of the dirtying the counts may miss (the policy plans with rate / (1 - headroom))
-    #[arg(long, default_value = "15%", value_parser = args::headroom)]
-    pub headroom: f64,
+    #[command(flatten)]
+    pub policy: args::PolicyArgs,
     /// Stop after this long (a deadline; default: until a stop signal)
     #[arg(long, value_parser = args::positive_duration)]
     pub duration: Option<Duration>,
@@ -387,9 +380,5 @@ pub fn health(p: &Published, now: u64, started: Instant) -> (bool, String) {
 }
 
 fn auto_settings(a: &ServeArgs) -> Option<AutoSettings> {
-    a.link.link().filter(|_| a.auto).map(|l| AutoSettings {
-        immp_share: a.link.immp_share,
-        headroom: a.headroom,
-        ..AutoSettings::new(l, a.floor, a.link.goal(a.target))
-    })
+    a.policy.settings(&a.link).filter(|_| a.auto)
 }

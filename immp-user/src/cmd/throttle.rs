@@ -47,17 +47,8 @@ pub struct ThrottleArgs {
     pub auto: bool,
     #[command(flatten)]
     pub link: LinkArgs,
-    /// Lowest cap the automatic policy may set (QoS floor)
-    #[arg(long, default_value = "15%", value_parser = args::cap)]
-    pub floor: f64,
-    /// Migration time to achieve (e.g. 60s); default: 1.25 x the idle guest's migration time
-    /// (its non-zero memory / bandwidth), shown at start
-    #[arg(long, value_parser = args::positive_duration)]
-    pub target: Option<Duration>,
-    /// Share of the dirtying the counts may miss (kernel work on a process's behalf, noise):
-    /// measured rates are planned as rate / (1 - headroom)
-    #[arg(long, default_value = "15%", value_parser = args::headroom)]
-    pub headroom: f64,
+    #[command(flatten)]
+    pub policy: args::PolicyArgs,
     /// Lift all caps after this long (e.g. 10m): a deadline; default: until Ctrl-C
     #[arg(long, value_parser = args::positive_duration)]
     pub duration: Option<Duration>,
@@ -137,7 +128,7 @@ pub fn run(a: ThrottleArgs) -> anyhow::Result<i32> {
         let _ = out.render(&undo_event(&p, r, Event::RestoredLeftover));
     }
     let mut run = Run {
-        settings: auto_settings(&a),
+        settings: a.policy.settings(&a.link),
         a: &a,
         thr,
         out,
@@ -178,15 +169,6 @@ fn open_sampler(
             Ok(None)
         }
     }
-}
-
-fn auto_settings(a: &ThrottleArgs) -> Option<AutoSettings> {
-    let base = AutoSettings::new(a.link.link()?, a.floor, a.link.goal(a.target));
-    Some(AutoSettings {
-        immp_share: a.link.immp_share,
-        headroom: a.headroom,
-        ..base
-    })
 }
 
 impl Run<'_> {
@@ -284,7 +266,10 @@ impl Run<'_> {
 
     fn auto_step(&mut self, snap: &Snapshot) -> anyhow::Result<()> {
         // Built again each interval: round 0 (and the default goal) follow the guest's memory.
-        let Some(s) = self.settings.and_then(|_| auto_settings(self.a)) else {
+        let Some(s) = self
+            .settings
+            .and_then(|_| self.a.policy.settings(&self.a.link))
+        else {
             return Ok(());
         };
         let mut host = ThrottleHost {

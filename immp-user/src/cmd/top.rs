@@ -79,15 +79,8 @@ pub struct TopArgs {
     /// Start with the automatic cap policy on (`a` toggles it)
     #[arg(long, requires = "bandwidth")]
     pub auto: bool,
-    /// Lowest cap the automatic policy may set (QoS floor)
-    #[arg(long, default_value = "15%", value_parser = args::cap)]
-    pub floor: f64,
-    /// Migration time the automatic policy aims at; default 1.25 x the idle guest's
-    #[arg(long, value_parser = args::positive_duration)]
-    pub target: Option<Duration>,
-    /// Share of the dirtying the counts may miss (the policy plans with rate / (1 - headroom))
-    #[arg(long, default_value = "15%", value_parser = args::headroom)]
-    pub headroom: f64,
+    #[command(flatten)]
+    pub policy: args::PolicyArgs,
     #[command(flatten)]
     pub journal: JournalArgs,
     /// How to cap
@@ -180,9 +173,9 @@ fn settings(a: &TopArgs, exact: bool) -> Settings {
         goal_ram: None,
         downtime: a.link.downtime,
         immp_share: a.link.immp_share,
-        floor_pct: a.floor,
-        headroom: a.headroom,
-        target: a.target,
+        floor_pct: a.policy.floor,
+        headroom: a.policy.headroom,
+        target: a.policy.target,
         auto: a.auto,
         interval: a.interval,
         mode_why: mode_why.to_string(),
