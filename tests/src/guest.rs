@@ -353,22 +353,21 @@ fn throttle_v2() -> Outcome {
     )
 }
 
+fn kcore() -> Result<immp::collect::nonzero::Kcore, String> {
+    immp::collect::nonzero::Kcore::open().map_err(|e| format!("/proc/kcore: {e}"))
+}
+
 /// Round 0 from /proc/kcore. The 4096-page sample against a read of every page (within 3 %
 /// of RAM: 4 standard errors); then a 64 MiB tmpfs file of changing bytes, written through a
 /// 64 KiB buffer, and deleted: memory in use drops by 64 MiB, the non-zero count does not, as
 /// the hypervisor would see it (freed pages keep their bytes and are sent).
 fn round_zero() -> Outcome {
-    use immp::collect::{nonzero::Kcore, procfs::mem_used};
-    let k = Kcore::open().map_err(|e| format!("/proc/kcore: {e}"))?;
-    let all = (k.ram_bytes() / 4096) as usize;
-    let scan = |n, seed| {
-        k.estimate(n, seed)
-            .map(|e| e.bytes)
-            .map_err(|e| e.to_string())
-    };
-    let full0 = scan(all, 1)?;
+    use immp::collect::procfs::mem_used;
+    let k = kcore()?;
+    let full = || k.full_scan().map_err(|e| e.to_string());
+    let full0 = full()?;
     let t = Instant::now();
-    let sampled = scan(4096, 7)?;
+    let sampled = k.estimate(4096, 7).map_err(|e| e.to_string())?.bytes;
     let sample_ms = t.elapsed().as_secs_f64() * 1e3;
     let used0 = mem_used();
     // From one 64 KiB buffer, refilled each time: the only new non-zero pages are the file's.
@@ -385,9 +384,9 @@ fn round_zero() -> Outcome {
         f.write_all(&buf).map_err(|e| e.to_string())?;
     }
     drop(f);
-    let (full_mid, used_mid) = (scan(all, 2)?, mem_used());
+    let (full_mid, used_mid) = (full()?, mem_used());
     std::fs::remove_file("/tmp/round-zero").map_err(|e| e.to_string())?;
-    let (full1, used1) = (scan(all, 3)?, mem_used());
+    let (full1, used1) = (full()?, mem_used());
     let mib = |b: f64| b / 1048576.0;
     let ram = mib(k.ram_bytes() as f64);
     // Deleting the file frees 64 MiB (in use drops) but leaves its bytes: non-zero stays.
@@ -415,15 +414,9 @@ fn round_zero() -> Outcome {
 /// intervals, exit). Runs first in a fresh guest: pages other tests freed would be reused
 /// and hide it. Goal 10 MB (it was 27 MB while immp parsed the kernel BTF).
 fn own_footprint() -> Outcome {
-    use immp::collect::nonzero::Kcore;
-    let k = Kcore::open().map_err(|e| format!("/proc/kcore: {e}"))?;
-    let all = (k.ram_bytes() / 4096) as usize;
-    let scan = |seed| {
-        k.estimate(all, seed)
-            .map(|e| e.bytes)
-            .map_err(|e| e.to_string())
-    };
-    let before = scan(1)?;
+    let k = kcore()?;
+    let scan = || k.full_scan().map_err(|e| e.to_string());
+    let before = scan()?;
     let t = Instant::now();
     let o = Command::new(IMMP)
         .args(["profile", "--duration", "3s", "--format", "json"])
@@ -431,7 +424,7 @@ fn own_footprint() -> Outcome {
         .output()
         .map_err(|e| e.to_string())?;
     let took = t.elapsed().as_secs_f64();
-    let after = scan(2)?;
+    let after = scan()?;
     let mb = (after - before) / 1e6;
     check(
         o.status.success() && mb < 10.0,
@@ -442,10 +435,8 @@ fn own_footprint() -> Outcome {
 /// `cargo xtask vm-test footprint-parts`: round-0 growth of several immp commands, one after
 /// the other, to see where immp's own footprint comes from.
 fn footprint_parts() -> Outcome {
-    use immp::collect::nonzero::Kcore;
-    let k = Kcore::open().map_err(|e| format!("/proc/kcore: {e}"))?;
-    let all = (k.ram_bytes() / 4096) as usize;
-    let scan = || k.estimate(all, 1).map(|e| e.bytes).unwrap_or(f64::NAN);
+    let k = kcore()?;
+    let scan = || k.full_scan().unwrap_or(f64::NAN);
     let runs: [&[&str]; 5] = [
         &["restore"],
         &["profile", "--probes", "tracepoint", "--duration", "3s"],
