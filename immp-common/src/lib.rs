@@ -30,6 +30,13 @@ pub struct Counters {
     /// Page-cache dirtying events that happened inside one of this process's own write faults:
     /// that page was already counted as a fault, so the dirty estimate subtracts it once.
     pub pagecache_in_fault: u64,
+    /// Pages of shmem/tmpfs/memfd files this process wrote through the write family of calls
+    /// (write, pwrite, writev, pwritev, splice, copy_file_range, sendfile): those pages are
+    /// never faulted by the writer and shmem does not account them dirty, so no other event
+    /// sees them. Counted once per page per window, like write-protect faults.
+    pub shmem_pages: u64,
+    /// Write-family calls into shmem that wrote a page again within the window: not counted.
+    pub shmem_repeat: u64,
     /// `bpf_ktime_get_boot_ns()` when this entry was created: tells one incarnation of a TGID
     /// from the next when pids are reused between two samples.
     pub first_ns: u64,
@@ -42,7 +49,7 @@ pub struct Counters {
 impl Counters {
     /// Pages dirtied as far as the kernel events can tell (a lower bound without soft-dirty).
     pub const fn dirty_pages(&self) -> u64 {
-        (self.write_new + self.write_protect + self.pagecache_pages)
+        (self.write_new + self.write_protect + self.pagecache_pages + self.shmem_pages)
             .saturating_sub(self.pagecache_in_fault)
     }
 }
@@ -73,6 +80,8 @@ pub mod maps {
     /// (exact mode: at their own `clear_refs`, not at the global sample).
     pub const ARMED: &str = "ARMED";
     pub const ARMED_CAPACITY: u32 = 4096;
+    /// Thread id -> `PendingWrite` (classic tracepoints only).
+    pub const PENDING: &str = "PENDING";
     /// Capacity of `SEEN`: when it overflows, the least recently written pages are forgotten
     /// and may count again (an over-count, never an under-count).
     pub const SEEN_CAPACITY: u32 = 1 << 16;
@@ -84,8 +93,25 @@ pub mod maps {
 pub struct PageKey {
     pub tgid: u32,
     pub _pad: u32,
-    /// Virtual address >> 12.
+    /// Virtual address >> 12; or, for a shmem file page written by a write-family call,
+    /// `SHMEM_PAGE_TAG | (inode hash << 32) | page index` (see `PageKey::shmem`).
     pub page: u64,
+}
+
+impl PageKey {
+    /// Marks a shmem file page: no user virtual page number reaches bit 63.
+    pub const SHMEM_PAGE_TAG: u64 = 1 << 63;
+
+    /// The key of page `index` of the shmem file whose inode lives at kernel address
+    /// `inode` (31 bits of the address: two files of one process sharing them and a page index
+    /// in one window is the only way to miss a page).
+    pub const fn shmem(tgid: u32, inode: u64, index: u64) -> Self {
+        PageKey {
+            tgid,
+            _pad: 0,
+            page: Self::SHMEM_PAGE_TAG | ((inode >> 6) & 0x7fff_ffff) << 32 | (index & 0xffff_ffff),
+        }
+    }
 }
 
 /// Global variables the loader overrides at load time.
@@ -95,6 +121,51 @@ pub mod globals {
     pub const FOLIO_NR_PAGES_OFFSET: &str = "FOLIO_NR_PAGES_OFFSET";
     /// Bit number of `PG_head` in `folio->flags` (set on large folios).
     pub const PG_HEAD_BIT: &str = "PG_HEAD_BIT";
+    /// Where a write-family call's file lives, for the shmem class: byte offsets of
+    /// `task_struct.files`, `files_struct.fdt`, `fdtable.max_fds`, `fdtable.fd`,
+    /// `file.f_inode`, `file.f_pos`, `inode.i_sb`, `super_block.s_magic`, in this order.
+    /// All 0 (unknown kernel layout) turns the shmem class off.
+    pub const FILE_LAYOUT: [&str; 8] = [
+        "TASK_FILES",
+        "FILES_FDT",
+        "FDT_MAX_FDS",
+        "FDT_FD",
+        "FILE_INODE",
+        "FILE_POS",
+        "INODE_SB",
+        "SB_MAGIC",
+    ];
+}
+
+/// The write-family system calls whose destination file the kernel side resolves (x86-64
+/// numbers; the programs compare the syscall number against these).
+pub mod syscalls {
+    pub const WRITE: u64 = 1;
+    pub const PWRITE64: u64 = 18;
+    pub const WRITEV: u64 = 20;
+    pub const SENDFILE: u64 = 40;
+    pub const SPLICE: u64 = 275;
+    pub const PWRITEV: u64 = 296;
+    pub const COPY_FILE_RANGE: u64 = 326;
+    pub const PWRITEV2: u64 = 328;
+    /// `statfs.f_type` of tmpfs, /dev/shm, memfd and SysV shm files.
+    pub const TMPFS_MAGIC: u64 = 0x0102_1994;
+
+    pub const fn is_write(nr: u64) -> bool {
+        matches!(
+            nr,
+            WRITE | PWRITE64 | WRITEV | SENDFILE | SPLICE | PWRITEV | COPY_FILE_RANGE | PWRITEV2
+        )
+    }
+}
+
+/// A write-family call's arguments, kept between its entry and its exit (classic
+/// tracepoints: the exit record has no arguments).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingWrite {
+    pub nr: u64,
+    pub args: [u64; 4],
 }
 
 /// Slots of the `STATS` array: health counters that make losses visible, never silent.

@@ -17,15 +17,18 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 use aya_ebpf::{
     Global,
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_boot_ns, bpf_probe_read_kernel},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
+        bpf_ktime_get_boot_ns, bpf_probe_read_kernel, bpf_probe_read_user,
+    },
     macros::{map, raw_tracepoint, tracepoint},
     maps::{Array, HashMap, LruHashMap, RingBuf},
     programs::{RawTracePointContext, TracePointContext},
 };
 use immp_common::{
-    Counters, ExitEvent, PageKey, fault,
+    Counters, ExitEvent, PageKey, PendingWrite, fault,
     maps::{ARMED_CAPACITY, SEEN_CAPACITY},
-    stats,
+    stats, syscalls,
 };
 
 /// Default capacity; the loader overrides it (`--max-procs`).
@@ -52,6 +55,27 @@ static FOLIO_NR_PAGES_OFFSET: Global<u32> = Global::new(0);
 
 #[unsafe(no_mangle)]
 static PG_HEAD_BIT: Global<u32> = Global::new(6);
+
+#[map]
+static PENDING: LruHashMap<u32, PendingWrite> = LruHashMap::with_max_entries(4096, 0);
+
+// Kernel struct offsets for the shmem class (see `immp_common::globals::FILE_LAYOUT`).
+#[unsafe(no_mangle)]
+static TASK_FILES: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static FILES_FDT: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static FDT_MAX_FDS: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static FDT_FD: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static FILE_INODE: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static FILE_POS: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static INODE_SB: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static SB_MAGIC: Global<u32> = Global::new(0);
 
 #[inline(always)]
 fn add(slot: *mut u64, n: u64) {
@@ -93,14 +117,13 @@ fn counters(tgid: u32) -> Option<*mut Counters> {
 /// Whether this process already wrote this page in the current window (then the fault is not
 /// a newly dirtied page); marks it written otherwise.
 #[inline(always)]
-fn repeat(tgid: u32, address: u64) -> bool {
+fn repeat(key: PageKey) -> bool {
     // A process re-armed in exact mode has its own window (from its clear_refs on).
     // SAFETY: the value is copied out at once.
-    let window = match unsafe { ARMED.get(&tgid) } {
+    let window = match unsafe { ARMED.get(&key.tgid) } {
         Some(w) => *w,
         None => WINDOW.get(0).copied().unwrap_or(0),
     };
-    let key = PageKey { tgid, _pad: 0, page: address >> 12 };
     // SAFETY: the value is copied out at once; a concurrent update only makes it stale.
     if unsafe { SEEN.get(&key) }.is_some_and(|w| *w == window) {
         return true;
@@ -124,7 +147,7 @@ fn on_fault(address: u64, error_code: u64) {
             // every fork of a shell loop); a not-present fault is a page's first touch, and
             // first-touch storms stay one map update cheaper.
             if error_code & fault::PRESENT != 0 {
-                if repeat(tgid, address) {
+                if repeat(PageKey { tgid, _pad: 0, page: address >> 12 }) {
                     add(&raw mut (*c).write_repeat, 1);
                 } else {
                     add(&raw mut (*c).write_protect, 1);
@@ -206,6 +229,109 @@ fn folio_pages(folio: u64) -> u64 {
     }
 }
 
+// ---- shmem written through the write family of calls ----
+
+/// Reads a kernel value; `None` on a bad address.
+#[inline(always)]
+fn kread<T>(addr: u64) -> Option<T> {
+    // SAFETY: bpf_probe_read_kernel tolerates any address; it fails cleanly on a bad one.
+    unsafe { bpf_probe_read_kernel(addr as *const T) }.ok()
+}
+
+/// The `struct file` behind this process's descriptor `fd`:
+/// current->files->fdt->fd[fd], offsets from the running kernel's BTF.
+#[inline(always)]
+fn fd_file(fd: u64) -> Option<u64> {
+    // SAFETY: helper without preconditions.
+    let task = unsafe { bpf_get_current_task() };
+    let files: u64 = kread(task + TASK_FILES.load() as u64)?;
+    let fdt: u64 = kread(files + FILES_FDT.load() as u64)?;
+    let max: u32 = kread(fdt + FDT_MAX_FDS.load() as u64)?;
+    if fd >= max as u64 {
+        return None;
+    }
+    let table: u64 = kread(fdt + FDT_FD.load() as u64)?;
+    let file: u64 = kread(table + fd * 8)?;
+    (file != 0).then_some(file)
+}
+
+/// Where a write-family call put its bytes: the destination descriptor, and how to find the
+/// end of what it wrote once it returned.
+enum End {
+    /// An explicit position (pwrite): end = pos + written.
+    From(u64),
+    /// A user pointer to the position, which the kernel advanced (splice, copy_file_range).
+    UserPtr(u64),
+    /// The file's own position, which the kernel advanced (write, writev, sendfile).
+    FilePos,
+}
+
+#[inline(always)]
+fn destination(nr: u64, a: &[u64; 4]) -> Option<(u64, End)> {
+    use syscalls::*;
+    Some(match nr {
+        WRITE | WRITEV | SENDFILE => (a[0], End::FilePos),
+        PWRITE64 | PWRITEV => (a[0], End::From(a[3])),
+        PWRITEV2 if a[3] as i64 == -1 => (a[0], End::FilePos),
+        PWRITEV2 => (a[0], End::From(a[3])),
+        SPLICE | COPY_FILE_RANGE if a[3] != 0 => (a[2], End::UserPtr(a[3])),
+        SPLICE | COPY_FILE_RANGE => (a[2], End::FilePos),
+        _ => return None,
+    })
+}
+
+/// Pages checked one by one against the window's set; a longer write counts its other pages
+/// as new (one call rarely rewrites a large range twice in a window).
+const SHMEM_DEDUP_PAGES: u64 = 64;
+
+/// A write-family call returned `written > 0` bytes: if its file is shmem (tmpfs, /dev/shm,
+/// memfd), count the distinct pages it wrote this window. No other event sees them: the
+/// writer never faults on them, and shmem does not account its pages dirty.
+#[inline(always)]
+fn on_write_done(nr: u64, args: &[u64; 4], written: u64) {
+    if FILE_INODE.load() == 0 {
+        return; // layout unknown on this kernel: class off (reported by the agent)
+    }
+    let Some((fd, end)) = destination(nr, args) else { return };
+    let Some(file) = fd_file(fd) else { return };
+    let Some(inode) = kread::<u64>(file + FILE_INODE.load() as u64) else { return };
+    let Some(sb) = kread::<u64>(inode + INODE_SB.load() as u64) else { return };
+    if kread::<u64>(sb + SB_MAGIC.load() as u64) != Some(syscalls::TMPFS_MAGIC) {
+        return;
+    }
+    let end: u64 = match end {
+        End::From(pos) => pos + written,
+        // SAFETY: bpf_probe_read_user fails cleanly on a bad user address.
+        End::UserPtr(p) => match unsafe { bpf_probe_read_user(p as *const u64) } {
+            Ok(e) => e,
+            Err(_) => return,
+        },
+        End::FilePos => match kread::<u64>(file + FILE_POS.load() as u64) {
+            Some(e) => e,
+            None => return,
+        },
+    };
+    let Some(start) = end.checked_sub(written) else { return };
+    let (first, last) = (start >> 12, (end - 1) >> 12);
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let Some(c) = counters(tgid) else { return };
+    let pages = last - first + 1;
+    let mut fresh = pages.saturating_sub(SHMEM_DEDUP_PAGES);
+    for i in 0..SHMEM_DEDUP_PAGES {
+        if i >= pages {
+            break;
+        }
+        if !repeat(PageKey::shmem(tgid, inode, first + i)) {
+            fresh += 1;
+        }
+    }
+    // SAFETY: `c` is a live map value.
+    unsafe {
+        add(&raw mut (*c).shmem_pages, fresh);
+        add(&raw mut (*c).shmem_repeat, pages - fresh);
+    }
+}
+
 // ---- raw tracepoints (preferred) ----
 
 /// page_fault_user(unsigned long address, struct pt_regs *regs, unsigned long error_code)
@@ -237,6 +363,31 @@ pub fn exit_btf(_ctx: RawTracePointContext) -> i32 {
     0
 }
 
+/// raw_syscalls sys_exit(struct pt_regs *regs, long ret): a raw tracepoint sees the syscall's
+/// saved registers, so the exit alone tells which call wrote where (x86-64 `pt_regs`).
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn write_exit_btf(ctx: RawTracePointContext) -> i32 {
+    let ret: i64 = ctx.arg(1);
+    if ret <= 0 {
+        return 0;
+    }
+    let regs: u64 = ctx.arg(0);
+    // orig_ax, di, si, dx, r10 in struct pt_regs (arch/x86/include/asm/ptrace.h).
+    let Some(nr) = kread::<u64>(regs + 120) else { return 0 };
+    if !syscalls::is_write(nr) {
+        return 0;
+    }
+    let mut args = [0u64; 4];
+    for (a, off) in args.iter_mut().zip([112u64, 104, 96, 56]) {
+        match kread::<u64>(regs + off) {
+            Some(v) => *a = v,
+            None => return 0,
+        }
+    }
+    on_write_done(nr, &args, ret as u64);
+    0
+}
+
 // ---- classic tracepoints (fallback) ----
 // Record layout after the 8-byte common header: see events/<category>/<name>/format.
 
@@ -264,6 +415,42 @@ pub fn fault_kernel_tp(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn dirty_folio_tp(_ctx: TracePointContext) -> u32 {
     on_dirty(1);
+    0
+}
+
+/// raw_syscalls/sys_enter: id @8, args[6] @16. Keeps a write-family call's arguments for its
+/// exit, whose record has only the return value.
+#[tracepoint]
+pub fn write_enter_tp(ctx: TracePointContext) -> u32 {
+    // SAFETY: offsets from events/raw_syscalls/sys_enter/format.
+    let Ok(nr) = (unsafe { ctx.read_at::<u64>(8) }) else { return 0 };
+    if !syscalls::is_write(nr) {
+        return 0;
+    }
+    // SAFETY: as above.
+    let Ok(args) = (unsafe { ctx.read_at::<[u64; 4]>(16) }) else { return 0 };
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let _ = PENDING.insert(&tid, &PendingWrite { nr, args }, 0);
+    0
+}
+
+/// raw_syscalls/sys_exit: id @8, ret @16.
+#[tracepoint]
+pub fn write_exit_tp(ctx: TracePointContext) -> u32 {
+    // SAFETY: offsets from events/raw_syscalls/sys_exit/format.
+    let Ok(nr) = (unsafe { ctx.read_at::<u64>(8) }) else { return 0 };
+    if !syscalls::is_write(nr) {
+        return 0;
+    }
+    let tid = bpf_get_current_pid_tgid() as u32;
+    // SAFETY: the value is copied out at once.
+    let Some(p) = (unsafe { PENDING.get(&tid) }).copied() else { return 0 };
+    let _ = PENDING.remove(&tid);
+    // SAFETY: as above.
+    let ret = unsafe { ctx.read_at::<i64>(16) }.unwrap_or(0);
+    if p.nr == nr && ret > 0 {
+        on_write_done(nr, &p.args, ret as u64);
+    }
     0
 }
 

@@ -65,6 +65,7 @@ pub struct Sample {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub probes_fallback: Option<String>,
     pub folio_pages_known: bool,
+    pub shmem_known: bool,
     pub page_size: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bandwidth_bytes_per_s: Option<f64>,
@@ -382,6 +383,7 @@ impl Sample {
             probes: snap.probes,
             probes_fallback: snap.probes_fallback.clone(),
             folio_pages_known: snap.folio_pages_known,
+            shmem_known: snap.shmem_known,
             page_size: snap.page_size,
             bandwidth_bytes_per_s: bandwidth,
             link_share: ranking.link_share,

@@ -36,6 +36,7 @@ pub fn snap(processes: Vec<ProcSample>) -> Snapshot {
         probes: Flavour::Btf,
         probes_fallback: None,
         folio_pages_known: true,
+        shmem_known: true,
         page_size: 4096,
         health: Health::default(),
         exact_armed: 0,

@@ -83,6 +83,9 @@ pub struct Rates {
     pub write_protect: f64,
     pub read: f64,
     pub pagecache: f64,
+    /// Pages of shmem/tmpfs/memfd files written through write(), pwrite() and kin (distinct
+    /// per window); mapped shmem counts in the fault classes.
+    pub shmem: f64,
     /// Write faults on pages it had already dirtied in the window (fork churn): not counted.
     pub write_repeat: f64,
     /// Pages dirtied per second (write faults + page-cache pages, overlap removed), at most
@@ -185,6 +188,9 @@ pub struct Snapshot {
     pub probes_fallback: Option<String>,
     /// Whether large folios count all their pages (else each dirtied folio counts one page).
     pub folio_pages_known: bool,
+    /// Whether write()s and kin into shmem/tmpfs/memfd files are counted (class `shmem`):
+    /// the kernel's file layout was found and the syscall hooks attached.
+    pub shmem_known: bool,
     pub page_size: u64,
     pub health: Health,
     pub totals: Totals,

@@ -8,6 +8,12 @@
 //!   first-touch N        write one byte to each of N fresh anonymous pages
 //!   read-scan N          read each of N fresh anonymous pages (zero page: no dirtying)
 //!   file-write N PATH [CHUNK]  write() N pages to PATH in CHUNK-page writes (page cache, no faults)
+//!   shmem-write N PATH CALL PASSES  write pages 0..N of a tmpfs file (or `memfd`) through CALL
+//!                        (write, pwrite, writev, pwritev, sendfile, splice, copy_file_range, 16
+//!                        pages a call; write-once: one pwrite of all N pages),
+//!                        PASSES times with new bytes each pass (see shmem_writer.rs)
+//!   syscall-bench N      ns per call of getppid, a 1-byte write to /dev/null and a one-page
+//!                        pwrite into a memfd (what immp's syscall-exit hook costs each)
 //!   shared-map N PATH    write one byte to each of N pages of a MAP_SHARED file mapping
 //!   cow N                touch N pages, fork; the child rewrites all N (copy-on-write) and exits
 //!   storm N              fork N children that each touch 4 pages and exit at once
@@ -32,6 +38,8 @@
 //!   threaded             forever: like idle, with a second thread (its TID is not the PID)
 //!   rename NAME MODE ... set the process name (comm, via prctl PR_SET_NAME; any bytes, e.g.
 //!                        control characters) to NAME, then run MODE
+mod shmem_writer;
+
 use std::{
     io::{BufRead, Write},
     ptr,
@@ -122,6 +130,8 @@ fn main() {
                 assert_eq!(sum, 0);
             });
         }
+        "shmem-write" => shmem_writer::run(&args, pg),
+        "syscall-bench" => shmem_writer::bench(&args, pg),
         "file-write" => {
             let n = arg(&args, 1);
             let path = args.get(2).expect("PATH");

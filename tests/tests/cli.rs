@@ -246,6 +246,8 @@ fn tracepoint_fallback_through_the_cli() {
     let v = &json_lines(&o)[0];
     assert_eq!(v["probes"], "tracepoint");
     assert_eq!(v["folio_pages_known"], false);
+    // The fallback still finds the file layout in BTF and counts shmem writes.
+    assert_eq!(v["shmem_known"], true);
     let me = v["processes"]
         .as_array()
         .unwrap()

@@ -276,3 +276,101 @@ fn full_table_is_reported_not_silent() {
         w.finish();
     }
 }
+
+/// Pages of a tmpfs/memfd file written through each write-family call, twice over within one
+/// window with new bytes: the shmem class counts each page once (the writer never faults on
+/// them, so no other class sees them).
+fn shmem_writes(flavour: FlavourChoice) {
+    const PAGES: usize = 256;
+    assert_eq!(
+        fs_magic("/dev/shm"),
+        0x0102_1994,
+        "/dev/shm is a tmpfs here"
+    );
+    let calls = [
+        "write",
+        "pwrite",
+        "writev",
+        "pwritev",
+        "sendfile",
+        "splice",
+        "copy_file_range",
+    ];
+    let mut failures = Vec::new();
+    for (i, call) in calls.iter().enumerate() {
+        let path = if i % 2 == 0 {
+            format!("/dev/shm/immp-test-{}-{call}", std::process::id())
+        } else {
+            "memfd".to_string()
+        };
+        let (snap, pid, _) = measure(
+            flavour,
+            &["shmem-write", &PAGES.to_string(), &path, call, "2"],
+        );
+        let _ = std::fs::remove_file(&path);
+        let p = find(&snap, pid);
+        let shmem = p.rates.shmem * snap.interval_s;
+        if !within(shmem, PAGES as f64, 0.01) {
+            failures.push(format!("{call} into {path}: {shmem:.0} shmem pages"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{PAGES} pages written twice each, expected {PAGES} shmem pages: {failures:?}"
+    );
+}
+
+fn fs_magic(path: &str) -> i64 {
+    let c = std::ffi::CString::new(path).expect("path");
+    // SAFETY: statfs fills a zeroed struct we own.
+    let mut s: libc::statfs = unsafe { std::mem::zeroed() };
+    assert_eq!(
+        unsafe { libc::statfs(c.as_ptr(), &mut s) },
+        0,
+        "statfs {path}"
+    );
+    s.f_type as i64
+}
+
+#[test]
+fn shmem_writes_count_each_page_once_per_window_btf() {
+    shmem_writes(FlavourChoice::Btf);
+}
+
+#[test]
+fn shmem_writes_count_each_page_once_per_window_tracepoint_fallback() {
+    shmem_writes(FlavourChoice::Tracepoint);
+}
+
+/// One call larger than the kernel side's per-call check still counts every page (never
+/// fewer than were written), and writes to an ordinary file are not shmem.
+#[test]
+fn one_large_shmem_write_counts_all_its_pages_and_disk_files_are_not_shmem() {
+    const PAGES: usize = 1024;
+    let path = format!("/dev/shm/immp-test-{}-once", std::process::id());
+    let (snap, pid, _) = measure(
+        FlavourChoice::Btf,
+        &["shmem-write", &PAGES.to_string(), &path, "write-once", "1"],
+    );
+    let _ = std::fs::remove_file(&path);
+    let shmem = find(&snap, pid).rates.shmem * snap.interval_s;
+    assert!(
+        within(shmem, PAGES as f64, 0.01),
+        "one pwrite of {PAGES} pages: {shmem:.0} shmem pages"
+    );
+    let dir = scratch("not-shmem");
+    let disk = dir.join("file");
+    assert_ne!(fs_magic(dir.to_str().expect("utf-8")), 0x0102_1994);
+    let (snap, pid, _) = measure(
+        FlavourChoice::Btf,
+        &[
+            "shmem-write",
+            "256",
+            disk.to_str().expect("utf-8"),
+            "pwrite",
+            "1",
+        ],
+    );
+    let shmem = find(&snap, pid).rates.shmem * snap.interval_s;
+    assert!(shmem < 1.0, "pwrite to a disk file: {shmem:.0} shmem pages");
+}

@@ -259,6 +259,51 @@ fn overhead(rounds: usize) -> anyhow::Result<()> {
     let (m0, m1) = (median(&mut off), median(&mut on));
     println!("  without immp: median {m0:.0} ms; with immp: median {m1:.0} ms");
     println!("  ratio: {:.3} (goal < 1.005)", m1 / m0);
+    syscalls(rounds)
+}
+
+/// The syscall-exit hook (shmem class) runs on every system call: its cost per call, for a
+/// call it ignores, a write it resolves and drops, and a write it counts.
+fn syscalls(rounds: usize) -> anyhow::Result<()> {
+    println!("bench overhead: system calls (2 M each per run), {rounds} interleaved rounds");
+    let kinds = [
+        "getppid (ignored)",
+        "write 1 B to /dev/null (resolved, not shmem)",
+        "pwrite 4 KiB into a memfd (counted)",
+    ];
+    let mut figures = [
+        (Vec::new(), Vec::new()),
+        (Vec::new(), Vec::new()),
+        (Vec::new(), Vec::new()),
+    ];
+    ab(rounds, |with| {
+        let agent = if with { Some(start_agent("1s")?) } else { None };
+        let o = Command::new(release_bin("immp-workload"))
+            .args(["syscall-bench", "2000000"])
+            .stdin(Stdio::null())
+            .output();
+        if let Some(a) = agent {
+            stop(a);
+        }
+        let out = String::from_utf8_lossy(&o?.stdout).to_string();
+        let v: Vec<f64> = out
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        anyhow::ensure!(v.len() == 3, "syscall-bench printed {out:?}");
+        for (f, x) in figures.iter_mut().zip(v) {
+            if with { f.1.push(x) } else { f.0.push(x) }
+        }
+        Ok(0.0)
+    })?;
+    for (kind, (off, on)) in kinds.iter().zip(figures.iter_mut()) {
+        let (m0, m1) = (median(off), median(on));
+        println!(
+            "  {kind}: {m0:.0} -> {m1:.0} ns/call (+{:.0} ns, ratio {:.2})",
+            m1 - m0,
+            m1 / m0
+        );
+    }
     Ok(())
 }
 

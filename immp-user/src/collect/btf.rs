@@ -226,6 +226,34 @@ pub fn folio_layout(btf: &Btf) -> Option<FolioLayout> {
     })
 }
 
+/// Byte offsets the shmem class follows from a task to the magic number of the filesystem a
+/// descriptor's file lives on, in the order of `immp_common::globals::FILE_LAYOUT`.
+pub type FileLayout = [u32; 8];
+
+/// `None` when any field is missing or not byte-aligned (then the shmem class is off).
+pub fn file_layout(btf: &Btf) -> Option<FileLayout> {
+    const PATH: [(&str, &str); 8] = [
+        ("task_struct", "files"),
+        ("files_struct", "fdt"),
+        ("fdtable", "max_fds"),
+        ("fdtable", "fd"),
+        ("file", "f_inode"),
+        ("file", "f_pos"),
+        ("inode", "i_sb"),
+        ("super_block", "s_magic"),
+    ];
+    let mut out = [0u32; 8];
+    for (slot, (ty, field)) in out.iter_mut().zip(PATH) {
+        let s = btf.find(STRUCT, ty).find_map(|id| btf.head(id))?;
+        let bits = btf.member_bit_offset(s, field, 0)?;
+        if bits % 8 != 0 {
+            return None;
+        }
+        *slot = bits / 8;
+    }
+    Some(out)
+}
+
 /// Does this kernel have this BTF tracepoint (`btf_trace_<name>` typedef)?
 pub fn has_tracepoint(btf: &Btf, name: &str) -> bool {
     btf.find(TYPEDEF, &format!("btf_trace_{name}"))
@@ -255,6 +283,19 @@ mod tests {
         let f = folio_layout(&btf).expect("6.x kernels have struct folio");
         assert!(f.nr_pages_offset > 0 && f.nr_pages_offset < 256, "{f:?}");
         assert!(f.pg_head_bit < 64, "{f:?}");
+    }
+
+    #[test]
+    fn this_kernel_has_the_file_layout() {
+        let btf = load_vmlinux().expect("this host has kernel BTF");
+        let l = file_layout(&btf).expect("every field of the shmem path exists");
+        // fdtable starts with max_fds; the others are somewhere inside their structs, and
+        // task_struct is the only large one.
+        assert_eq!(l[2], 0, "{l:?}");
+        assert!(l[0] > 256 && l[0] < 16384, "{l:?}");
+        assert!(l[1..].iter().all(|&o| o < 2048), "{l:?}");
+        assert!(l[4] != l[5] && l[6] != l[7], "{l:?}");
+        assert!(btf.find(STRUCT, "no_such_struct").next().is_none());
     }
 
     #[test]

@@ -19,40 +19,62 @@ use super::btf::{self as btfinfo, FolioLayout};
 /// The eBPF object, built by build.rs and embedded so that `immp` is one file.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("IMMP_EBPF_OBJECT"));
 
-/// The hooks, each with its BTF program, classic tracepoint and whether it is required.
+/// The hooks, each with its raw-tracepoint program (if that flavour needs it), classic
+/// tracepoint program and whether it is required.
 const HOOKS: &[Hook] = &[
     Hook {
-        btf_prog: "fault_user_btf",
+        btf_prog: Some("fault_user_btf"),
         tp_prog: "fault_user_tp",
         category: "exceptions",
         name: "page_fault_user",
         required: true,
     },
     Hook {
-        btf_prog: "fault_kernel_btf",
+        btf_prog: Some("fault_kernel_btf"),
         tp_prog: "fault_kernel_tp",
         category: "exceptions",
         name: "page_fault_kernel",
         required: false,
     },
     Hook {
-        btf_prog: "dirty_folio_btf",
+        btf_prog: Some("dirty_folio_btf"),
         tp_prog: "dirty_folio_tp",
         category: "writeback",
         name: "writeback_dirty_folio",
         required: true,
     },
     Hook {
-        btf_prog: "exit_btf",
+        btf_prog: Some("exit_btf"),
         tp_prog: "exit_tp",
         category: "sched",
         name: "sched_process_exit",
         required: true,
     },
+    // The shmem class: write-family calls into tmpfs/memfd files. A raw tracepoint's exit
+    // sees the call's registers; a classic exit record does not, so that flavour keeps the
+    // arguments from the entry.
+    Hook {
+        btf_prog: Some("write_exit_btf"),
+        tp_prog: "write_exit_tp",
+        category: "raw_syscalls",
+        name: "sys_exit",
+        required: false,
+    },
+    Hook {
+        btf_prog: None,
+        tp_prog: "write_enter_tp",
+        category: "raw_syscalls",
+        name: "sys_enter",
+        required: false,
+    },
 ];
 
+/// The hooks the shmem class needs, per flavour.
+const SHMEM_HOOKS_BTF: &[&str] = &["sys_exit"];
+const SHMEM_HOOKS_TP: &[&str] = &["sys_enter", "sys_exit"];
+
 struct Hook {
-    btf_prog: &'static str,
+    btf_prog: Option<&'static str>,
     tp_prog: &'static str,
     category: &'static str,
     name: &'static str,
@@ -92,6 +114,9 @@ pub struct ProbeReport {
     pub hooks: BTreeMap<String, Result<(), String>>,
     /// Whether large folios are counted by their page count (BTF flavour with known layout).
     pub folio_pages_known: bool,
+    /// Whether write-family calls into shmem/tmpfs/memfd files are counted (the `shmem`
+    /// class): the kernel's file layout was found in its BTF and the syscall hooks attached.
+    pub shmem_known: bool,
     /// Why the BTF flavour was not used, when it was not.
     pub fallback_reason: Option<String>,
     pub max_procs: u32,
@@ -143,12 +168,18 @@ impl Probes {
         .0
     }
 
-    fn loader(opts: &ProbeOptions, folio: Option<FolioLayout>) -> anyhow::Result<Ebpf> {
+    fn loader(opts: &ProbeOptions, facts: &KernelFacts) -> anyhow::Result<Ebpf> {
         let mut loader = Self::new_loader();
         loader.map_max_entries(maps::COUNTERS, opts.max_procs.max(1));
-        let (off, bit) = folio.map_or((0u32, 0u32), |f| (f.nr_pages_offset, f.pg_head_bit));
+        let (off, bit) = facts
+            .folio
+            .map_or((0u32, 0u32), |f| (f.nr_pages_offset, f.pg_head_bit));
         loader.override_global(globals::FOLIO_NR_PAGES_OFFSET, &off, true);
         loader.override_global(globals::PG_HEAD_BIT, &bit, true);
+        let file = facts.file.unwrap_or_default();
+        for (name, value) in globals::FILE_LAYOUT.iter().zip(&file) {
+            loader.override_global(name, value, true);
+        }
         loader
             .load(OBJECT)
             .map_err(|e| anyhow!("loading the eBPF object failed: {e}"))
@@ -158,19 +189,11 @@ impl Probes {
     /// where a folio keeps its page count. (Raw rather than `tp_btf` programs: the same
     /// arguments, but no BTF type id to attach, so no BTF parser in memory.)
     fn load_btf(opts: &ProbeOptions) -> anyhow::Result<Self> {
-        // The kernel's BTF is read once, in a scratch scope: only the facts leave it.
-        let (facts, _) = crate::alloc::scratch(|| -> anyhow::Result<_> {
-            let kbtf = btfinfo::load_vmlinux()?;
-            let mut present = [false; HOOKS.len()];
-            for (p, h) in present.iter_mut().zip(HOOKS) {
-                *p = btfinfo::has_tracepoint(&kbtf, h.name);
-            }
-            Ok((present, btfinfo::folio_layout(&kbtf)))
-        });
-        let (present, folio) = facts?;
-        let mut ebpf = Self::loader(opts, folio)?;
+        let facts = KernelFacts::read()?;
+        let mut ebpf = Self::loader(opts, &facts)?;
         let mut hooks = BTreeMap::new();
-        for (h, present) in HOOKS.iter().zip(present) {
+        for (h, present) in HOOKS.iter().zip(facts.present) {
+            let Some(btf_prog) = h.btf_prog else { continue };
             if !present {
                 if h.required {
                     bail!("kernel has no tracepoint {} in its BTF", h.name);
@@ -180,8 +203,8 @@ impl Probes {
             }
             let res = (|| -> anyhow::Result<()> {
                 let prog: &mut RawTracePoint = ebpf
-                    .program_mut(h.btf_prog)
-                    .ok_or_else(|| anyhow!("program {} missing from object", h.btf_prog))?
+                    .program_mut(btf_prog)
+                    .ok_or_else(|| anyhow!("program {btf_prog} missing from object"))?
                     .try_into()?;
                 prog.load()
                     .with_context(|| format!("loading raw_tp/{}", h.name))?;
@@ -198,8 +221,9 @@ impl Probes {
         }
         let report = ProbeReport {
             flavour: Flavour::Btf,
+            shmem_known: facts.file.is_some() && attached(&hooks, SHMEM_HOOKS_BTF),
             hooks,
-            folio_pages_known: folio.is_some(),
+            folio_pages_known: facts.folio.is_some(),
             fallback_reason: None,
             max_procs: opts.max_procs,
             tracefs_mounted_by_immp: false,
@@ -209,7 +233,13 @@ impl Probes {
 
     fn load_tracepoints(opts: &ProbeOptions, why: Option<String>) -> anyhow::Result<Self> {
         let mounted = ensure_tracefs()?;
-        let mut ebpf = Self::loader(opts, None)?;
+        // Without BTF the fallback still counts faults; only the shmem class needs the file
+        // layout, and it stays off where the kernel has no BTF.
+        let facts = KernelFacts {
+            folio: None,
+            ..KernelFacts::read().unwrap_or_default()
+        };
+        let mut ebpf = Self::loader(opts, &facts)?;
         let mut hooks = BTreeMap::new();
         for h in HOOKS {
             let res = (|| -> anyhow::Result<()> {
@@ -232,6 +262,7 @@ impl Probes {
         }
         let report = ProbeReport {
             flavour: Flavour::Tracepoint,
+            shmem_known: facts.file.is_some() && attached(&hooks, SHMEM_HOOKS_TP),
             hooks,
             folio_pages_known: false,
             fallback_reason: why,
@@ -333,6 +364,9 @@ impl super::source::CounterSource for Probes {
     fn folio_pages_known(&self) -> bool {
         self.report.folio_pages_known
     }
+    fn shmem_known(&self) -> bool {
+        self.report.shmem_known
+    }
     fn capacity(&self) -> u32 {
         self.report.max_procs
     }
@@ -348,6 +382,40 @@ impl super::source::CounterSource for Probes {
     fn forget_window_of(&mut self, pid: u32) {
         Probes::forget_window_of(self, pid)
     }
+}
+
+/// What the kernel's BTF says: which hooks' tracepoints exist, and the struct layouts the
+/// programs need as globals.
+#[derive(Default)]
+struct KernelFacts {
+    present: [bool; HOOKS.len()],
+    folio: Option<FolioLayout>,
+    file: Option<btfinfo::FileLayout>,
+}
+
+impl KernelFacts {
+    /// The kernel's BTF is read once, in a scratch scope: only the facts leave it.
+    fn read() -> anyhow::Result<Self> {
+        crate::alloc::scratch(|| -> anyhow::Result<_> {
+            let kbtf = btfinfo::load_vmlinux()?;
+            let mut present = [false; HOOKS.len()];
+            for (p, h) in present.iter_mut().zip(HOOKS) {
+                *p = btfinfo::has_tracepoint(&kbtf, h.name);
+            }
+            Ok(KernelFacts {
+                present,
+                folio: btfinfo::folio_layout(&kbtf),
+                file: btfinfo::file_layout(&kbtf),
+            })
+        })
+        .0
+    }
+}
+
+fn attached(hooks: &BTreeMap<String, Result<(), String>>, names: &[&str]) -> bool {
+    names
+        .iter()
+        .all(|n| hooks.get(*n).is_some_and(|r| r.is_ok()))
 }
 
 /// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (later ones to the memory cgroup):

@@ -127,6 +127,8 @@ impl Delta {
                 write_repeat: now.write_repeat.saturating_sub(b.write_repeat),
                 pagecache_pages: now.pagecache_pages.saturating_sub(b.pagecache_pages),
                 pagecache_in_fault: now.pagecache_in_fault.saturating_sub(b.pagecache_in_fault),
+                shmem_pages: now.shmem_pages.saturating_sub(b.shmem_pages),
+                shmem_repeat: now.shmem_repeat.saturating_sub(b.shmem_repeat),
                 first_ns: now.first_ns,
                 ..Counters::default()
             },
@@ -140,11 +142,13 @@ impl Delta {
         self.c.write_repeat += o.c.write_repeat;
         self.c.pagecache_pages += o.c.pagecache_pages;
         self.c.pagecache_in_fault += o.c.pagecache_in_fault;
+        self.c.shmem_pages += o.c.shmem_pages;
+        self.c.shmem_repeat += o.c.shmem_repeat;
     }
 
     fn is_zero(&self) -> bool {
         let c = &self.c;
-        c.write_new + c.write_protect + c.read + c.pagecache_pages == 0
+        c.write_new + c.write_protect + c.read + c.pagecache_pages + c.shmem_pages == 0
     }
 }
 
@@ -392,6 +396,7 @@ impl<C: CounterSource, P: ProcSource> Sampler<C, P> {
             probes: self.counters.flavour(),
             probes_fallback: self.counters.fallback_reason(),
             folio_pages_known: self.counters.folio_pages_known(),
+            shmem_known: self.counters.shmem_known(),
             page_size: self.page_size,
             health,
             totals,
@@ -605,7 +610,10 @@ impl<C: CounterSource, P: ProcSource> Sampler<C, P> {
         t
     }
 
-    /// Kernel page allocations the per-process new-page and page-cache counts do not explain.
+    /// Kernel page allocations the per-process new-page, page-cache and shmem counts do not
+    /// explain. (A shmem page written again allocates nothing, so counting all shmem pages
+    /// as explained can hide as many unattributed pages; not counting them would count every
+    /// new tmpfs page twice, which is worse for a streaming writer.)
     fn unattributed(&mut self, t: &mut Totals, processes: &[ProcSample], dt: f64) {
         let now = self.procs.page_allocs();
         let allocs = match (now, self.last_allocs) {
@@ -615,7 +623,7 @@ impl<C: CounterSource, P: ProcSource> Sampler<C, P> {
         self.last_allocs = now;
         let explained: f64 = processes
             .iter()
-            .map(|p| p.rates.write_new + p.rates.pagecache)
+            .map(|p| p.rates.write_new + p.rates.pagecache + p.rates.shmem)
             .sum::<f64>()
             + t.short_lived_dirty_pages_per_s;
         t.unattributed_pages_per_s = (allocs - explained).max(0.0);
@@ -669,6 +677,7 @@ impl<C: CounterSource, P: ProcSource> Sampler<C, P> {
             write_protect: c.write_protect as f64 / dt,
             read: c.read as f64 / dt,
             pagecache: c.pagecache_pages as f64 / dt,
+            shmem: c.shmem_pages as f64 / dt,
             write_repeat: c.write_repeat as f64 / dt,
             dirty: c.dirty_pages() as f64 / dt,
         };
@@ -812,6 +821,9 @@ mod tests {
             Flavour::Btf
         }
         fn folio_pages_known(&self) -> bool {
+            true
+        }
+        fn shmem_known(&self) -> bool {
             true
         }
         fn capacity(&self) -> u32 {

@@ -18,6 +18,8 @@ pub trait CounterSource {
     fn kernel_stats(&self) -> KernelStats;
     fn flavour(&self) -> Flavour;
     fn folio_pages_known(&self) -> bool;
+    /// Whether the shmem class is counted (write-family calls into tmpfs/memfd files).
+    fn shmem_known(&self) -> bool;
     /// Capacity of the per-process table.
     fn capacity(&self) -> u32;
     /// Starts a new window for the kernel's per-window dedup of repeated write faults.

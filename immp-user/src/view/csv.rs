@@ -8,7 +8,7 @@ pub struct CsvView<W: Write> {
     header_done: bool,
 }
 
-const HEADER: [&str; 17] = [
+const HEADER: [&str; 18] = [
     "time_unix_ms",
     "seq",
     "mode",
@@ -19,6 +19,7 @@ const HEADER: [&str; 17] = [
     "write_new_pps",
     "write_protect_pps",
     "pagecache_pps",
+    "shmem_pps",
     "read_pps",
     "cpu_pct",
     "rss_bytes",
@@ -57,6 +58,7 @@ impl<W: Write> CsvView<W> {
                 format!("{:.1}", p.rates.write_new),
                 format!("{:.1}", p.rates.write_protect),
                 format!("{:.1}", p.rates.pagecache),
+                format!("{:.1}", p.rates.shmem),
                 format!("{:.1}", p.rates.read),
                 format!("{:.1}", p.cpu_pct),
                 p.rss_bytes.to_string(),

@@ -50,7 +50,7 @@ const MAX_TRACKED: usize = 50_000;
 
 /// The dirtying classes of `Rates` (page events; a page written through a shared file mapping
 /// counts as a write fault and as page cache: the classes may overlap).
-const CLASSES: [&str; 3] = ["write_new", "write_protect", "pagecache"];
+const CLASSES: [&str; 4] = ["write_new", "write_protect", "pagecache", "shmem"];
 
 #[derive(Debug, Clone, Copy)]
 pub struct MetricsSettings {
@@ -69,7 +69,7 @@ pub struct MetricsSettings {
 /// What one process (or `other`) did while counted under its series.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 struct Counts {
-    pages: [f64; 3],
+    pages: [f64; 4],
     unique_bytes: f64,
     cpu_s: f64,
 }
@@ -79,7 +79,12 @@ impl Counts {
     fn of(p: &ProcSample, dt: f64) -> Self {
         let r = &p.rates;
         Self {
-            pages: [r.write_new * dt, r.write_protect * dt, r.pagecache * dt],
+            pages: [
+                r.write_new * dt,
+                r.write_protect * dt,
+                r.pagecache * dt,
+                r.shmem * dt,
+            ],
             unique_bytes: p.dirty_bytes_per_s * dt,
             cpu_s: p.cpu_pct / 100.0 * dt,
         }
@@ -453,8 +458,9 @@ impl State {
             enc,
             "immp_process_dirty_pages",
             "Pages dirtied while listed, by class (write_new: first writes, write_protect: \
-             rewrites and copy-on-write, pagecache: file pages; a write through a shared file \
-             mapping counts in two classes); the processes outside the top are comm=\"other\"",
+             rewrites and copy-on-write, pagecache: file pages, shmem: tmpfs/memfd pages \
+             written with write() and kin; a write through a shared file mapping counts in \
+             two classes); the processes outside the top are comm=\"other\"",
             None,
             classed(1.0),
         )?;

@@ -290,7 +290,7 @@ pub fn visible<'a>(
             SortKey::Dirty => p.dirty_bytes_per_s,
             SortKey::New => p.rates.write_new * page,
             SortKey::WriteProtect => p.rates.write_protect * page,
-            SortKey::PageCache => p.rates.pagecache * page,
+            SortKey::PageCache => (p.rates.pagecache + p.rates.shmem) * page,
             SortKey::Cpu => p.cpu_pct,
             SortKey::Cap => caps.get(&r.id()).map_or(f64::INFINITY, |c| c.pct),
             SortKey::Pid | SortKey::Command => 0.0,

@@ -406,7 +406,8 @@ fn table_row<'a>(
         Col::Dirty => Cell::from(right(mb(p.dirty_bytes_per_s), 6)),
         Col::New => Cell::from(right(mb(p.rates.write_new * page), 5)),
         Col::Wp => Cell::from(right(mb(p.rates.write_protect * page), 5)),
-        Col::Cache => Cell::from(right(mb(p.rates.pagecache * page), 5)),
+        // File pages: the page cache and shmem (tmpfs, memfd) written with write() and kin.
+        Col::Cache => Cell::from(right(mb((p.rates.pagecache + p.rates.shmem) * page), 5)),
         Col::Link => Cell::from(right(
             r.r.link_share
                 .map_or("-".into(), |s| format!("{:.0}", s * 100.0)),

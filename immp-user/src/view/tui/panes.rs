@@ -387,10 +387,11 @@ fn faults(p: &immp_model::snapshot::ProcSample, page: f64) -> String {
     let r = &p.rates;
     let one = |n: f64| format!("{n:.0} ({})", fmt_rate(n * page));
     let mut s = format!(
-        "new pages {}, write-protect {}, page cache {}, reads {:.0}",
+        "new pages {}, write-protect {}, page cache {}, shmem {}, reads {:.0}",
         one(r.write_new),
         one(r.write_protect),
         one(r.pagecache),
+        one(r.shmem),
         r.read
     );
     if r.write_repeat > 0.0 {
