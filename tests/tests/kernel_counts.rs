@@ -14,7 +14,12 @@ use immp::{
 };
 
 fn sampler(flavour: FlavourChoice, max_procs: u32) -> Sampler {
-    let probes = Probes::load(&ProbeOptions { flavour, max_procs }).expect("probes attach");
+    let opts = ProbeOptions {
+        flavour,
+        max_procs,
+        ..ProbeOptions::default()
+    };
+    let probes = Probes::load(&opts).expect("probes attach");
     Sampler::new(probes, vec![])
 }
 

@@ -118,6 +118,11 @@ pub struct ProbeArgs {
     /// Capacity of the kernel's per-process table; overflows are reported, never silent
     #[arg(long, default_value_t = 16384, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
     pub max_procs: u32,
+    /// Do not count writes into tmpfs, /dev/shm and memfd files made with write() and kin
+    /// (the shmem class): saves the system-call hook it needs, which runs on every system
+    /// call (tens of ns each; see README)
+    #[arg(long)]
+    pub no_shmem: bool,
 }
 
 impl ProbeArgs {
@@ -129,6 +134,7 @@ impl ProbeArgs {
                 ProbesArg::Tracepoint => FlavourChoice::Tracepoint,
             },
             max_procs: self.max_procs,
+            shmem: !self.no_shmem,
         }
     }
 

@@ -95,6 +95,9 @@ pub struct ProbeOptions {
     pub flavour: FlavourChoice,
     /// Capacity of the per-process map; a process that cannot get an entry is counted.
     pub max_procs: u32,
+    /// Hook system-call exits to count writes into shmem files (the `shmem` class). The hook
+    /// runs on every system call of the machine (`bench overhead` measures it).
+    pub shmem: bool,
 }
 
 impl Default for ProbeOptions {
@@ -102,6 +105,7 @@ impl Default for ProbeOptions {
         Self {
             flavour: FlavourChoice::Auto,
             max_procs: 16384,
+            shmem: true,
         }
     }
 }
@@ -194,6 +198,10 @@ impl Probes {
         let mut hooks = BTreeMap::new();
         for (h, present) in HOOKS.iter().zip(facts.present) {
             let Some(btf_prog) = h.btf_prog else { continue };
+            if !opts.shmem && h.category == "raw_syscalls" {
+                hooks.insert(h.name.to_string(), Err("off (--no-shmem)".into()));
+                continue;
+            }
             if !present {
                 if h.required {
                     bail!("kernel has no tracepoint {} in its BTF", h.name);
@@ -242,6 +250,10 @@ impl Probes {
         let mut ebpf = Self::loader(opts, &facts)?;
         let mut hooks = BTreeMap::new();
         for h in HOOKS {
+            if !opts.shmem && h.category == "raw_syscalls" {
+                hooks.insert(h.name.to_string(), Err("off (--no-shmem)".into()));
+                continue;
+            }
             let res = (|| -> anyhow::Result<()> {
                 let prog: &mut TracePoint = ebpf
                     .program_mut(h.tp_prog)
