@@ -18,12 +18,13 @@ use crate::{
     units::fmt_rate,
 };
 
-/// Default goal: a migration at most this many times as long as the idle guest's (25 %
-/// longer: the guest may dirty a fifth of the link, T = T_idle / (1 - w/B)). Below it every
-/// point of time costs the workload more and more CPU; above it the time climbs fast. In the
-/// lab this is where the time is still level with a 20 % cpulimit while the writer keeps
-/// about 1.2 x the throughput.
-pub const TARGET_FACTOR: f64 = 1.25;
+/// Default goal: a migration at most this many times as long as the idle guest's (half as long
+/// again: the guest may dirty a third of the link, T = T_idle / (1 - w/B)). Each second below
+/// it costs the workload more CPU than the last (dT/dw grows as 1/(1 - w/B)^2: at a third of
+/// the link, 2.25 x its cost at none), and above it the time climbs fast. In the migration lab
+/// the paper's cpulimit 20 % took 1.2-1.7 x idle; at 1.25 x immp was faster than cpulimit with
+/// 0.67 x its writer throughput, so the default sits where both can be had.
+pub const TARGET_FACTOR: f64 = 1.5;
 
 /// Default headroom: the margin for dirtying the counts miss. 15 %: round 0 comes from the
 /// guest's non-zero memory and the kernel's unattributed allocations are in the guest total,
@@ -743,9 +744,11 @@ mod tests {
         let o = decide(&at(snap(vec![p]), 1), &s, &BTreeMap::new(), &mut st);
         let d = o.decisions.iter().find(|d| d.pid == 7).expect("a decision");
         let budget = d.budget_bytes_per_s.expect("a budget");
-        // Goal 1.25 x 7.68 s: the guest may dirty a fifth of the link, 2.5 MB/s.
-        assert!(budget > 1.5e6 && budget < 3.5e6, "budget {budget}");
-        assert!(cap_of(&o, 7).is_some_and(|c| c < 50.0), "{d:?}");
+        // Goal 1.5 x 7.68 s: the guest may dirty a third of the link, 4.2 MB/s, first touches
+        // and the headroom included.
+        assert!(budget > 2.5e6 && budget < 5e6, "budget {budget}");
+        assert!(budget < 6e6, "below its uncapped 6 MB/s: {budget}");
+        assert!(cap_of(&o, 7).is_some_and(|c| c < 75.0), "{d:?}");
     }
 
     /// Under a cap a first-pass writer's growth is its uncapped rate times the share of new

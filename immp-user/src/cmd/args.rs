@@ -193,7 +193,7 @@ pub struct PolicyArgs {
     /// Lowest cap the automatic policy may set (QoS floor)
     #[arg(long, default_value = "15%", value_parser = cap)]
     pub floor: f64,
-    /// Migration time the automatic policy aims at (e.g. 60s); default: 1.25 x the idle guest's
+    /// Migration time the automatic policy aims at (e.g. 60s); default: 1.5 x the idle guest's
     /// migration time (its non-zero memory / bandwidth), shown at start
     #[arg(long, value_parser = positive_duration)]
     pub target: Option<Duration>,
