@@ -37,6 +37,7 @@ pub fn snap(processes: Vec<ProcSample>) -> Snapshot {
         probes_fallback: None,
         folio_pages_known: true,
         shmem_known: true,
+        memory: None,
         page_size: 4096,
         health: Health::default(),
         exact_armed: 0,

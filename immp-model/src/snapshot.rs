@@ -175,6 +175,22 @@ pub struct Health {
     pub proc_read_errors: u64,
 }
 
+/// The guest's memory as a migration sees it, measured with the sample (so that no view
+/// reads physical memory on its own thread).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Memory {
+    /// What round 0 of a migration started now would send: the non-zero memory (or memory in
+    /// use where it cannot be sampled).
+    pub round_zero_bytes: f64,
+    /// The round 0 the default goal is a multiple of: its lowest figure of the last minutes
+    /// (a writer's first pass must not raise its own budget).
+    pub goal_round_zero_bytes: f64,
+    /// The whole RAM: the most a later round can resend.
+    pub ram_bytes: f64,
+    /// Round 0 was sampled from physical memory (false: memory in use, a lower bound).
+    pub sampled: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Snapshot {
     pub seq: u64,
@@ -191,6 +207,9 @@ pub struct Snapshot {
     /// Whether write()s and kin into shmem/tmpfs/memfd files are counted (class `shmem`):
     /// the kernel's file layout was found and the syscall hooks attached.
     pub shmem_known: bool,
+    /// Round 0 and RAM at this sample (None where the source cannot tell: tests).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Memory>,
     pub page_size: u64,
     pub health: Health,
     pub totals: Totals,

@@ -6,6 +6,7 @@ use clap::{Args, ValueEnum};
 use immp_model::{
     policy::{AutoSettings, default_target},
     predict::Link,
+    snapshot::Memory,
     units,
 };
 
@@ -165,12 +166,18 @@ pub struct LinkArgs {
 }
 
 impl LinkArgs {
-    /// The link now: round 0 is --ram, or the guest's non-zero memory as last sampled (it
-    /// grows as processes touch new memory; callers ask again every interval).
+    /// The link now: round 0 is --ram, or the guest's non-zero memory (it grows as processes
+    /// touch new memory). `at`: as a snapshot measured it (callers with one pass it every
+    /// interval); None: measured here.
+    pub fn link_at(&self, at: Option<&Memory>) -> Option<Link> {
+        let m = at.copied().unwrap_or_else(nonzero::memory);
+        let ram = self.ram.unwrap_or(m.round_zero_bytes);
+        self.bandwidth
+            .map(|bw| Link::new(bw, ram, self.downtime).with_memory(m.ram_bytes))
+    }
+
     pub fn link(&self) -> Option<Link> {
-        self.bandwidth.map(|bw| {
-            Link::new(bw, self.ram_now(), self.downtime).with_memory(nonzero::ram_bytes())
-        })
+        self.link_at(None)
     }
 
     pub fn ram_now(&self) -> f64 {
@@ -178,10 +185,11 @@ impl LinkArgs {
     }
 
     /// The default goal of `--auto` (`target` unless given): a multiple of the idle
-    /// migration, with round 0 as `nonzero::goal_round_zero` has it (or --ram).
-    pub fn goal(&self, target: Option<Duration>) -> Option<Duration> {
-        let ram = self.ram.unwrap_or_else(nonzero::goal_round_zero);
-        let link = self.link()?;
+    /// migration, with round 0 as the goal sees it (`Memory::goal_round_zero_bytes`, or --ram).
+    pub fn goal_at(&self, target: Option<Duration>, at: Option<&Memory>) -> Option<Duration> {
+        let m = at.copied().unwrap_or_else(nonzero::memory);
+        let ram = self.ram.unwrap_or(m.goal_round_zero_bytes);
+        let link = self.link_at(Some(&m))?;
         Some(target.unwrap_or_else(|| default_target(&Link { ram, ..link })))
     }
 }
@@ -204,10 +212,15 @@ pub struct PolicyArgs {
 }
 
 impl PolicyArgs {
-    /// The policy's settings now: round 0 and the default goal as `LinkArgs` has them at this
-    /// moment (ask every interval). None without a bandwidth.
-    pub fn settings(&self, link: &LinkArgs) -> Option<AutoSettings> {
-        let base = AutoSettings::new(link.link()?, self.floor, link.goal(self.target));
+    /// The policy's settings: round 0 and the default goal as `at` measured them (ask every
+    /// interval with the snapshot's `memory`; None: measured now). None without a bandwidth.
+    pub fn settings(&self, link: &LinkArgs, at: Option<&Memory>) -> Option<AutoSettings> {
+        let m = at.copied().unwrap_or_else(nonzero::memory);
+        let base = AutoSettings::new(
+            link.link_at(Some(&m))?,
+            self.floor,
+            link.goal_at(self.target, Some(&m)),
+        );
         Some(AutoSettings {
             immp_share: link.immp_share,
             headroom: self.headroom,

@@ -209,7 +209,7 @@ impl<'a> Agent<'a> {
             bandwidth: a.link.bandwidth,
             auto: a.auto,
         });
-        let settings = auto_settings(a);
+        let settings = auto_settings(a, None);
         Self {
             a,
             sampler,
@@ -263,7 +263,7 @@ impl<'a> Agent<'a> {
         let measured = self
             .a
             .link
-            .link()
+            .link_at(snap.memory.as_ref())
             .map(|l| assess(&snap, &l, None, 0).prediction);
         self.metrics.on_snapshot(&snap, measured);
         self.published.set(self.metrics.render());
@@ -278,7 +278,9 @@ impl<'a> Agent<'a> {
     /// error (after the metrics are published: the run then ends and lifts everything).
     fn auto_step(&mut self, snap: &Snapshot) -> anyhow::Result<()> {
         // Built again each interval: round 0 (and the default goal) follow the guest's memory.
-        let s = self.settings.and_then(|_| auto_settings(self.a));
+        let s = self
+            .settings
+            .and_then(|_| auto_settings(self.a, snap.memory.as_ref()));
         let (Some(thr), Some(s)) = (self.thr.as_mut(), s) else {
             return Ok(());
         };
@@ -379,6 +381,6 @@ pub fn health(p: &Published, now: u64, started: Instant) -> (bool, String) {
     )
 }
 
-fn auto_settings(a: &ServeArgs) -> Option<AutoSettings> {
-    a.policy.settings(&a.link).filter(|_| a.auto)
+fn auto_settings(a: &ServeArgs, at: Option<&immp_model::snapshot::Memory>) -> Option<AutoSettings> {
+    a.policy.settings(&a.link, at).filter(|_| a.auto)
 }

@@ -128,7 +128,7 @@ pub fn run(a: ThrottleArgs) -> anyhow::Result<i32> {
         let _ = out.render(&undo_event(&p, r, Event::RestoredLeftover));
     }
     let mut run = Run {
-        settings: a.policy.settings(&a.link),
+        settings: a.policy.settings(&a.link, None),
         a: &a,
         thr,
         out,
@@ -268,7 +268,7 @@ impl Run<'_> {
         // Built again each interval: round 0 (and the default goal) follow the guest's memory.
         let Some(s) = self
             .settings
-            .and_then(|_| self.a.policy.settings(&self.a.link))
+            .and_then(|_| self.a.policy.settings(&self.a.link, snap.memory.as_ref()))
         else {
             return Ok(());
         };

@@ -578,9 +578,12 @@ impl Actor {
     }
 
     fn on_snapshot(&mut self, snap: &Snapshot, app: &mut App) {
-        if self.fresh_ram {
-            app.settings.ram = nonzero::round_zero().bytes();
-            app.settings.goal_ram = Some(nonzero::goal_round_zero());
+        // From the snapshot: the collection thread measured it (a kcore sample is tens of ms
+        // under TCG, not for the drawing thread).
+        if let Some(m) = snap.memory.filter(|_| self.fresh_ram) {
+            app.settings.ram = m.round_zero_bytes;
+            app.settings.goal_ram = Some(m.goal_round_zero_bytes);
+            app.settings.memory = m.ram_bytes;
         }
         self.check_caps(app);
         if app.settings.auto {

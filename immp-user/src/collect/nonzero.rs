@@ -243,6 +243,17 @@ pub fn round_zero() -> RoundZero {
     r
 }
 
+/// Round 0, the goal's round 0 and the RAM, now (the sampler puts this in every snapshot).
+pub fn memory() -> immp_model::snapshot::Memory {
+    let r = round_zero();
+    immp_model::snapshot::Memory {
+        round_zero_bytes: r.bytes(),
+        goal_round_zero_bytes: goal_round_zero(),
+        ram_bytes: ram_bytes(),
+        sampled: matches!(r, RoundZero::Sampled(_)),
+    }
+}
+
 /// The guest's RAM as kcore exposes it (what a round can dirty at most), else MemTotal.
 pub fn ram_bytes() -> f64 {
     match round_zero() {

@@ -397,6 +397,7 @@ impl<C: CounterSource, P: ProcSource> Sampler<C, P> {
             probes_fallback: self.counters.fallback_reason(),
             folio_pages_known: self.counters.folio_pages_known(),
             shmem_known: self.counters.shmem_known(),
+            memory: self.procs.memory(),
             page_size: self.page_size,
             health,
             totals,

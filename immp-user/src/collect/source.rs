@@ -55,6 +55,10 @@ pub trait ProcSource {
     fn soft_dirty_supported(&self) -> Result<bool, String>;
     /// Whether (pid, start time) exists: `None` when it cannot be told (a read error).
     fn exists(&self, id: ProcId) -> Option<bool>;
+    /// Round 0 and RAM of a migration started now (`collect::nonzero`).
+    fn memory(&self) -> Option<immp_model::snapshot::Memory> {
+        None
+    }
     /// Pages the kernel has allocated since boot (/proc/vmstat pgalloc_*).
     fn page_allocs(&self) -> Option<u64> {
         None
@@ -108,6 +112,9 @@ impl ProcSource for LiveProcs {
     }
     fn page_allocs(&self) -> Option<u64> {
         super::procfs::page_allocs()
+    }
+    fn memory(&self) -> Option<immp_model::snapshot::Memory> {
+        Some(super::nonzero::memory())
     }
     fn freeze(&self, id: ProcId) -> Frozen {
         Frozen::stop(id.pid, id.start_time)

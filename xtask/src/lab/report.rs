@@ -244,6 +244,55 @@ pub struct Goal {
     pub detail: String,
 }
 
+/// The most cap changes within any 60 s of one run, and the lifts while its migration ran
+/// (the lab's writer is busy throughout: a lift mid-migration is a lift the goal did not allow).
+fn cap_changes(r: &Run) -> (usize, usize) {
+    let changes: Vec<f64> = r
+        .caps
+        .windows(2)
+        .filter(|w| (w[1].v - w[0].v).abs() >= 0.5)
+        .map(|w| w[1].t)
+        .collect();
+    let most = changes
+        .iter()
+        .map(|&t0| {
+            changes
+                .iter()
+                .filter(|&&t| t >= t0 && t < t0 + 60.0)
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    let lifts = r
+        .caps
+        .iter()
+        .filter(|p| p.v == 0.0 && p.t >= 0.0 && p.t <= r.total_s)
+        .count();
+    (most, lifts)
+}
+
+fn push_cap_changes(push: &mut impl FnMut(&'static str, Option<bool>, String), runs: &[Run]) {
+    let auto: Vec<&Run> = runs
+        .iter()
+        .filter(|r| r.policy.contains("--auto") && r.load != super::Load::Idle)
+        .collect();
+    let name = "--auto: no cap lifted during a migration, at most 3 cap changes a minute";
+    if auto.is_empty() {
+        return push(name, None, "not measured".into());
+    }
+    let per_run: Vec<(usize, usize)> = auto.iter().map(|r| cap_changes(r)).collect();
+    let most = per_run.iter().map(|c| c.0).max().unwrap_or(0);
+    let lifts: usize = per_run.iter().map(|c| c.1).sum();
+    push(
+        name,
+        Some(most <= 3 && lifts == 0),
+        format!(
+            "{} runs: at most {most} changes in a minute, {lifts} lifts during migrations",
+            auto.len()
+        ),
+    );
+}
+
 pub fn goals(sums: &[Summary], runs: &[Run]) -> Vec<Goal> {
     let get = |k: &str| sums.iter().find(|s| s.key == k && s.runs > 0);
     let time = |k: &str| get(k).and_then(|s| s.time_median_s);
@@ -363,6 +412,7 @@ pub fn goals(sums: &[Summary], runs: &[Run]) -> Vec<Goal> {
             ),
         );
     }
+    push_cap_changes(&mut push, runs);
     for load in ["light", "heavy"] {
         let p99 = |k: String| get(&k).and_then(|s| s.service_p99_median_ms);
         let name = if load == "light" {
