@@ -66,6 +66,9 @@ pub struct Sample {
     pub probes_fallback: Option<String>,
     pub folio_pages_known: bool,
     pub shmem_known: bool,
+    /// Round 0 (non-zero memory) and RAM at this sample.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<crate::snapshot::Memory>,
     pub page_size: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bandwidth_bytes_per_s: Option<f64>,
@@ -384,6 +387,7 @@ impl Sample {
             probes_fallback: snap.probes_fallback.clone(),
             folio_pages_known: snap.folio_pages_known,
             shmem_known: snap.shmem_known,
+            memory: snap.memory,
             page_size: snap.page_size,
             bandwidth_bytes_per_s: bandwidth,
             link_share: ranking.link_share,

@@ -152,7 +152,10 @@ fn event(a: &ProfileArgs, snap: &Snapshot) -> Event {
     };
     let mut ranking = rank(snap, &settings);
     let top = a.top as usize;
-    let assessment = a.link.link().map(|l| assess(snap, &l, None, top));
+    let assessment = a
+        .link
+        .link_at(snap.memory.as_ref())
+        .map(|l| assess(snap, &l, None, top));
     if let Some(asmt) = &assessment {
         for r in &mut ranking.processes {
             r.impact = asmt.impacts.get(&r.proc_.id()).copied();
