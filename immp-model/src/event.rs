@@ -113,11 +113,16 @@ pub struct Start {
     pub journal: String,
     pub auto: bool,
     pub cap_pct: Option<f64>,
-    /// `--auto`: the goal, seconds of migration, and what an idle guest's would take.
+    /// `--auto`: the goal, seconds of migration (with `knee`, the bound on it), and what an
+    /// idle guest's would take.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target_s: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idle_s: Option<f64>,
+    /// No --target: each interval's goal is this many times the migration with every IMMP at
+    /// the floor, within `target_s` (each decision carries the goal it used).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub knee: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -259,8 +264,16 @@ impl Display for Event {
                     s.mechanism,
                     clean(&s.journal)
                 )?;
-                if let (Some(t), Some(idle)) = (s.target_s, s.idle_s) {
-                    write!(f, "; goal: migration in {t:.1}s (idle guest: {idle:.1}s)")?;
+                match (s.target_s, s.idle_s, s.knee) {
+                    (Some(t), Some(idle), Some(k)) => write!(
+                        f,
+                        "; goal: {k} x the migration with the IMMPs at the floor, at most \
+                         {t:.1}s (idle guest: {idle:.1}s)"
+                    )?,
+                    (Some(t), Some(idle), None) => {
+                        write!(f, "; goal: migration in {t:.1}s (idle guest: {idle:.1}s)")?
+                    }
+                    _ => {}
                 }
                 write!(f, "; Ctrl-C lifts every cap")
             }

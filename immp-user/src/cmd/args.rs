@@ -4,7 +4,7 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, ValueEnum};
 use immp_model::{
-    policy::{AutoSettings, default_target},
+    policy::{AutoSettings, KNEE, default_target},
     predict::Link,
     snapshot::Memory,
     units,
@@ -201,8 +201,10 @@ pub struct PolicyArgs {
     /// Lowest cap the automatic policy may set (QoS floor)
     #[arg(long, default_value = "15%", value_parser = cap)]
     pub floor: f64,
-    /// Migration time the automatic policy aims at (e.g. 60s); default: 1.5 x the idle guest's
-    /// migration time (its non-zero memory / bandwidth), shown at start
+    /// Migration time the automatic policy aims at (e.g. 60s); default: the knee of the
+    /// time/throughput frontier, 1.25 x the time with every IMMP at the floor, at most 2 x the
+    /// idle guest's migration time (its non-zero memory / bandwidth; the bound is shown at
+    /// start, each decision says the goal it used)
     #[arg(long, value_parser = positive_duration)]
     pub target: Option<Duration>,
     /// Share of the dirtying the counts may miss (kernel work on a process's behalf, noise):
@@ -224,6 +226,8 @@ impl PolicyArgs {
         Some(AutoSettings {
             immp_share: link.immp_share,
             headroom: self.headroom,
+            // The default goal is the knee below that bound (`policy::KNEE`).
+            knee: self.target.is_none().then_some(KNEE),
             ..base
         })
     }

@@ -233,6 +233,7 @@ impl<'a> Agent<'a> {
                 cap_pct: None,
                 target_s: self.settings.map(|s| s.target.as_secs_f64()),
                 idle_s: self.settings.map(|s| idle_time(&s.link)),
+                knee: self.settings.and_then(|s| s.knee),
             };
             let _ = self.out.render(&Event::Start(start));
         }

@@ -198,6 +198,7 @@ impl Run<'_> {
                 .settings
                 .filter(|_| self.a.auto)
                 .map(|s| idle_time(&s.link)),
+            knee: self.settings.filter(|_| self.a.auto).and_then(|s| s.knee),
         };
         self.emit(Event::Start(start));
         let Some(cap) = self.a.cap else { return Ok(()) };

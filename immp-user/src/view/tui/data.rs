@@ -10,7 +10,7 @@ use immp_model::{
     ProcId, Snapshot,
     event::Mechanism,
     impact::{Impact, assess},
-    policy::{AutoSettings, default_target},
+    policy::{AutoSettings, KNEE, default_target},
     predict::{Link, Prediction},
     rank::{RankSettings, Ranked, rank},
     snapshot::ProcSample,
@@ -62,6 +62,8 @@ impl Settings {
         Some(AutoSettings {
             immp_share: self.immp_share,
             headroom: self.headroom,
+            // No --target (and none typed in): the knee below the bound, as throttle has it.
+            knee: self.target.is_none().then_some(KNEE),
             ..base
         })
     }

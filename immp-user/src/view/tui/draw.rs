@@ -220,8 +220,15 @@ fn policy_line<'a>(app: &App, t: &Theme) -> Line<'a> {
             s.headroom * 100.0
         )),
     ];
-    if let Some(a) = s.auto_settings() {
-        v.push(Span::raw(format!(" goal {:.1}s", a.target.as_secs_f64())));
+    // The goal the policy used last (the knee), else the bound it will stay within.
+    match (app.policy(), s.auto_settings()) {
+        (Some(p), _) if s.auto => v.push(Span::raw(format!(" goal {:.1}s", p.target_s))),
+        (_, Some(a)) if a.knee.is_some() => v.push(Span::raw(format!(
+            " goal <= {:.1}s",
+            a.target.as_secs_f64()
+        ))),
+        (_, Some(a)) => v.push(Span::raw(format!(" goal {:.1}s", a.target.as_secs_f64()))),
+        _ => {}
     }
     let caps = app.caps();
     let by_policy = caps.values().filter(|c| c.by == CapBy::Policy).count();
