@@ -260,6 +260,298 @@ fn qemu_rate() -> Outcome {
     Ok("guest rates printed; the host compares them with QEMU".into())
 }
 
+/// One class of writer in the fidelity matrix: what runs, and which process names are the
+/// workload's (children inherit the name; `forks`: short-lived children too small for a row
+/// of their own are in `short_lived_dirty_pages_per_s`, which nothing else adds to here).
+struct Class {
+    name: &'static str,
+    /// Commands started in order, each up to its `ready` line; the first is watched.
+    run: &'static [&'static [&'static str]],
+    names: &'static [&'static str],
+    forks: bool,
+}
+
+/// Every writer changes the bytes it writes each time (QEMU's page sampling compares page
+/// hashes) and is paced, so that a 1 s window sees a steady number of distinct pages: about
+/// 16 MiB (4096 pages) where the class allows, which QEMU's sampling resolves to ~6 %.
+const CLASSES: &[Class] = &[
+    // 4096 pages rewritten 4 times a window: exact mode must count each page once.
+    Class {
+        name: "rewriter",
+        run: &[&[WORKLOAD, "rename", "fid-rewriter", "paced", "4096", "250"]],
+        names: &["fid-rewriter"],
+        forks: false,
+    },
+    // 4096 first touches a second through a 64 MiB ring (never a page twice per window).
+    Class {
+        name: "streamer",
+        run: &[&[
+            WORKLOAD,
+            "rename",
+            "fid-streamer",
+            "stream",
+            "4096",
+            "16384",
+        ]],
+        names: &["fid-streamer"],
+        forks: false,
+    },
+    // 4 MiB mapped, written and unmapped 4 times a window: the kernel hands the same
+    // physical pages back, so the hypervisor sees about 1024 pages, not 4096.
+    Class {
+        name: "churner",
+        run: &[&[WORKLOAD, "rename", "fid-churner", "churn", "1024", "250"]],
+        names: &["fid-churner"],
+        forks: false,
+    },
+    // 256 pages rewritten between forks, 100 forks a second.
+    Class {
+        name: "fork",
+        run: &[&[WORKLOAD, "rename", "fid-fork", "fork-loop", "256", "10"]],
+        names: &["fid-fork"],
+        forks: true,
+    },
+    // A shell loop: /bin/true forked and executed, usleep forked (busybox runs it in a
+    // forked copy of the shell), 100 times a second at most.
+    Class {
+        name: "fork-exec",
+        run: &[&[
+            "/bin/sh",
+            "-c",
+            "echo ready; while :; do /bin/true; usleep 10000; done",
+        ]],
+        names: &["sh", "true"],
+        forks: true,
+    },
+    // pwrite() into a tmpfs file, 4096 pages 4 times a window (shmem: no fault, no
+    // writeback).
+    Class {
+        name: "tmpfs",
+        run: &[&[
+            WORKLOAD,
+            "rename",
+            "fid-tmpfs",
+            "pwrite-loop",
+            FID_SHM,
+            "4096",
+            "250",
+            "0",
+        ]],
+        names: &["fid-tmpfs"],
+        forks: false,
+    },
+    // pwrite() + fdatasync() of 4096 pages twice a window, as a database would, on ext2 on
+    // the virtio disk: writeback reads the page cache (QEMU's DMA dirties no guest page).
+    // On the RAM disk instead, brd would copy each page into pages of its own that QEMU
+    // sees too, and no process is charged for: twice the page cache the writer dirtied.
+    Class {
+        name: "pagecache",
+        run: &[&[
+            WORKLOAD,
+            "rename",
+            "fid-pagecache",
+            "pwrite-loop",
+            FID_FILE,
+            "4096",
+            "500",
+            "1",
+        ]],
+        names: &["fid-pagecache"],
+        forks: false,
+    },
+    // A MAP_SHARED mapping of a file on the same disk, 4096 pages written then msync()ed
+    // twice a window (each msync cleans them: the next pass faults again).
+    Class {
+        name: "shared-map",
+        run: &[&[
+            WORKLOAD,
+            "rename",
+            "fid-shared-map",
+            "map-loop",
+            FID_MAP,
+            "4096",
+            "500",
+        ]],
+        names: &["fid-shared-map"],
+        forks: false,
+    },
+    // 16 MiB a second over TCP on the loopback into a 64 MiB ring; attributed to the
+    // receiver only (the sender rewrites one 16-page buffer). The kernel's socket buffers,
+    // no process's, add about 1 MB/s: QEMU saw 17.8-18.9 MB/s with no immp loaded.
+    Class {
+        name: "socket",
+        run: &[
+            &[WORKLOAD, "rename", "fid-recv", "recv-ring", "7777", "16384"],
+            &[
+                WORKLOAD,
+                "rename",
+                "fid-send",
+                "send-loop",
+                "7777",
+                "410",
+                "100",
+            ],
+        ],
+        names: &["fid-recv"],
+        forks: false,
+    },
+    // No workload: immp (this process's sampler) alone against the idle guest.
+    Class {
+        name: "immp-alone",
+        run: &[],
+        names: &[],
+        forks: false,
+    },
+];
+
+const FID_SHM: &str = "/dev/shm/fidelity";
+const FID_FILE: &str = "/disk/fidelity-pagecache";
+const FID_MAP: &str = "/disk/fidelity-shared-map";
+/// Windows before a class is measured (first passes allocate; a new process gets armed),
+/// and windows measured.
+const FID_WARM: usize = 2;
+/// Classes also measured without immp loaded (see `fidelity`).
+const FID_BARE: &[&str] = &["rewriter", "shared-map", "socket"];
+const FID_WINDOWS: usize = 7;
+
+/// The fidelity matrix, guest half: per class, immp's rate for the workload and its guest
+/// total every 1 s window, between `IMMP-FID-BEGIN class` and `IMMP-FID-END class`, while the
+/// host runs QEMU's calc-dirty-rate over the same phase; the host judges (it has QEMU's
+/// figures). An idle phase (no sampler yet) comes first, then immp alone: the baselines.
+fn fidelity() -> Outcome {
+    fidelity_ready()?;
+    let names: Vec<&str> = CLASSES.iter().map(|c| c.name).collect();
+    say(&format!("IMMP-FID-CLASSES {}", names.join(",")));
+    say("IMMP-FID-BEGIN idle");
+    std::thread::sleep(Duration::from_secs(FID_WINDOWS as u64));
+    say("IMMP-FID-END idle");
+    // Some classes once more without immp loaded, for the host to show what immp's own
+    // measuring (soft-dirty re-arming, the fault probes' maps) adds to what QEMU sees.
+    for c in CLASSES.iter().filter(|c| FID_BARE.contains(&c.name)) {
+        fidelity_bare(c);
+    }
+    let mut s = sampler(ModeChoice::Exact, vec![], None);
+    // immp alone first: it is the baseline of every class with a workload.
+    let order = CLASSES
+        .iter()
+        .rev()
+        .take(1)
+        .chain(&CLASSES[..CLASSES.len() - 1]);
+    for c in order {
+        fidelity_class(&mut s, c)?;
+    }
+    Ok(format!(
+        "{} classes measured; the host judges them against QEMU",
+        CLASSES.len()
+    ))
+}
+
+/// What the classes need from /init: a tmpfs on /dev/shm, ext2 on the virtio disk on /disk,
+/// the loopback up. Missing is a failure, never a skip.
+fn fidelity_ready() -> Result<(), String> {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let has = |dev: &str, at: &str, fs: &str| {
+        mounts.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 2 && f[0] == dev && f[1] == at && f[2] == fs
+        })
+    };
+    if !has("/dev/vda", "/disk", "ext2") {
+        return Err("no ext2 on the virtio disk /dev/vda at /disk".into());
+    }
+    if !mounts.lines().any(|l| l.contains(" /dev/shm tmpfs ")) {
+        return Err("no tmpfs on /dev/shm".into());
+    }
+    std::net::TcpListener::bind(("127.0.0.1", 0))
+        .map(drop)
+        .map_err(|e| format!("loopback: {e}"))
+}
+
+/// A class's workload in phase `CLASS-bare`, with no sampler (QEMU's figure only).
+fn fidelity_bare(c: &Class) {
+    let ws: Vec<Workload> = c
+        .run
+        .iter()
+        .map(|cmd| Workload::start_bin(cmd[0], &cmd[1..]))
+        .collect();
+    std::thread::sleep(Duration::from_secs(FID_WARM as u64));
+    say(&format!("IMMP-FID-BEGIN {}-bare", c.name));
+    std::thread::sleep(Duration::from_secs(FID_WINDOWS as u64));
+    say(&format!("IMMP-FID-END {}-bare", c.name));
+    std::thread::sleep(Duration::from_millis(500)); // as in fidelity_class
+    drop(ws);
+    fidelity_cleanup();
+}
+
+fn fidelity_cleanup() {
+    for f in [FID_SHM, FID_FILE, FID_MAP] {
+        let _ = std::fs::remove_file(f);
+    }
+}
+
+fn fidelity_class(s: &mut Sampler, c: &Class) -> Result<(), String> {
+    let ws: Vec<Workload> = c
+        .run
+        .iter()
+        .map(|cmd| Workload::start_bin(cmd[0], &cmd[1..]))
+        .collect();
+    let root = ws.first().map(id);
+    if let Some(r) = root {
+        s.watch(r); // armed every window from the first
+    }
+    for _ in 0..FID_WARM {
+        std::thread::sleep(Duration::from_secs(1));
+        s.sample();
+    }
+    say(&format!("IMMP-FID-BEGIN {}", c.name));
+    for _ in 0..FID_WINDOWS {
+        std::thread::sleep(Duration::from_secs(1));
+        let snap = s.sample();
+        let t = &snap.totals;
+        let work = if c.run.is_empty() {
+            t.agent_dirty_bytes_per_s
+        } else {
+            workload_bytes(&snap, c)
+        };
+        say(&format!(
+            "IMMP-FID-W {} work={work:.0} total={:.0} agent={:.0} unattributed={:.0}",
+            c.name,
+            t.guest_dirty_bytes_per_s,
+            t.agent_dirty_bytes_per_s,
+            t.unattributed_bytes_per_s
+        ));
+    }
+    say(&format!("IMMP-FID-END {}", c.name));
+    // The host keeps only QEMU windows that ended before it saw END: keep the workload
+    // running a little longer, so that none of them saw it stop.
+    std::thread::sleep(Duration::from_millis(500));
+    if let Some(r) = root {
+        s.unwatch(r);
+    }
+    drop(ws);
+    fidelity_cleanup();
+    // The processes' exits and the files' pages freed belong to no window measured.
+    s.sample();
+    Ok(())
+}
+
+/// immp's rate for a class's processes: its named rows plus, where it forks, the children
+/// too short-lived for a row.
+fn workload_bytes(snap: &Snapshot, c: &Class) -> f64 {
+    let named: f64 = snap
+        .processes
+        .iter()
+        .filter(|p| c.names.contains(&p.comm.as_str()))
+        .map(|p| p.rates.dirty)
+        .sum();
+    let short = if c.forks {
+        snap.totals.short_lived_dirty_pages_per_s
+    } else {
+        0.0
+    };
+    (named + short) * snap.page_size as f64
+}
+
 fn cpu_ns(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/schedstat"))
         .ok()
@@ -797,6 +1089,7 @@ fn main() {
         ("throttle-v2", throttle_v2),
         ("qemu-rate", qemu_rate),
         ("round-zero", round_zero),
+        ("fidelity", fidelity),
     ];
     let extra: Vec<Test> = vec![
         ("bench-exact", bench_exact),

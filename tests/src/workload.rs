@@ -36,6 +36,19 @@
 //!   fault-bench N REPS   map N pages, touch all, unmap, REPS times; prints ns per fault
 //!   mixed MIB REPS       fill MIB of fresh memory with a PRNG and sort it, REPS times; prints ms
 //!   threaded             forever: like idle, with a second thread (its TID is not the PID)
+//!   The fidelity matrix's writers (`immp-guest fidelity`): each changes the bytes it writes on
+//!   every write (a unique counter stamped into each page), since QEMU's page sampling sees a
+//!   page only when its content changed; each runs one pass every MS milliseconds, forever.
+//!   stream PAGES_PER_S RING  first touches only: PAGES_PER_S fresh pages a second (in tenths)
+//!                        through a ring of RING pages, dropped (MADV_DONTNEED) at each wrap
+//!   churn PAGES MS       mmap PAGES, stamp them, munmap (an allocate/free churner)
+//!   fork-loop PAGES MS   stamp PAGES pages, fork a child that exits at once, wait for it
+//!   pwrite-loop PATH PAGES MS SYNC  pwrite() PAGES stamped pages over PATH (created), then
+//!                        fdatasync() when SYNC is 1
+//!   map-loop PATH PAGES MS  stamp PAGES pages of a MAP_SHARED mapping of PATH, then msync()
+//!   recv-ring PORT RING  accept one TCP connection on 127.0.0.1:PORT and read it forever into
+//!                        a ring of RING pages
+//!   send-loop PORT PAGES MS  connect to 127.0.0.1:PORT and send PAGES stamped pages per pass
 //!   rename NAME MODE ... set the process name (comm, via prctl PR_SET_NAME; any bytes, e.g.
 //!                        control characters) to NAME, then run MODE
 mod shmem_writer;
@@ -405,6 +418,8 @@ fn main() {
             }
             say(&format!("{:.2}", t.elapsed().as_secs_f64() * 1e3));
         }
+        "stream" | "churn" | "fork-loop" | "pwrite-loop" | "map-loop" | "recv-ring"
+        | "send-loop" => fidelity(mode, &args),
         _ => {
             eprintln!("immp-workload: unknown mode '{mode}' (see the source header for modes)");
             std::process::exit(2);
@@ -502,4 +517,213 @@ fn service(rate: usize, path: &str) -> ! {
         c[0].store(done, Relaxed);
         next += period;
     }
+}
+
+/// A counter stamped into the first 8 bytes of each page written: no page is ever written
+/// with the bytes it held before (QEMU's page sampling compares page hashes).
+struct Stamp(u64);
+
+impl Stamp {
+    fn new() -> Self {
+        // Distinct per process, so that a recycled page never gets its old bytes back.
+        Self(u64::from(std::process::id()) << 40)
+    }
+
+    fn pages(&mut self, p: *mut u8, pages: usize) {
+        let pg = page();
+        for i in 0..pages {
+            self.0 += 1;
+            // SAFETY: within the `pages` pages at p; page starts are 8-byte aligned.
+            unsafe { ptr::write_volatile(p.add(i * pg).cast::<u64>(), self.0) };
+        }
+    }
+}
+
+/// Runs `pass` every `ms` milliseconds, forever (a pass that overruns starts the next at once).
+fn paced(ms: u64, mut pass: impl FnMut()) -> ! {
+    let period = std::time::Duration::from_millis(ms);
+    let mut next = std::time::Instant::now();
+    loop {
+        pass();
+        next += period;
+        match next.checked_duration_since(std::time::Instant::now()) {
+            Some(left) => std::thread::sleep(left),
+            None => next = std::time::Instant::now(),
+        }
+    }
+}
+
+fn fidelity(mode: &str, args: &[String]) -> ! {
+    let mut st = Stamp::new();
+    match mode {
+        "stream" => stream(arg(args, 1), arg(args, 2), &mut st),
+        "churn" => {
+            let n = arg(args, 1);
+            say("ready");
+            paced(arg(args, 2) as u64, || {
+                let p = map_anon(n);
+                st.pages(p, n);
+                // SAFETY: unmapping what we mapped.
+                unsafe { libc::munmap(p.cast(), n * page()) };
+            })
+        }
+        "fork-loop" => {
+            let n = arg(args, 1);
+            let p = map_anon(n);
+            say("ready");
+            paced(arg(args, 2) as u64, || {
+                st.pages(p, n);
+                fork_and_reap();
+            })
+        }
+        "pwrite-loop" => pwrite_loop(args, &mut st),
+        "map-loop" => map_loop(args, &mut st),
+        "recv-ring" => recv_ring(arg(args, 1) as u16, arg(args, 2)),
+        "send-loop" => send_loop(args, &mut st),
+        _ => unreachable!("dispatched by main"),
+    }
+}
+
+/// First touches at a steady rate: a tenth of the rate every 100 ms, through a ring of
+/// pages. Each chunk is dropped (MADV_DONTNEED) just before it is touched again: the pages
+/// freed were written a whole ring ago, so when the kernel hands the same physical pages back
+/// at once (it does: last freed, first reused), no page is dirtied twice in one window.
+fn stream(per_s: usize, ring: usize, st: &mut Stamp) -> ! {
+    let p = map_anon(ring);
+    // Small pages: a huge page would be one fault for 512 pages.
+    // SAFETY: advice on our own mapping.
+    unsafe { libc::madvise(p.cast(), ring * page(), libc::MADV_NOHUGEPAGE) };
+    let step = (per_s / 10).clamp(1, ring);
+    let mut at = 0;
+    say("ready");
+    paced(100, || {
+        if at + step > ring {
+            at = 0;
+        }
+        // SAFETY: at + step <= ring: a chunk of our own mapping.
+        let chunk = unsafe { p.add(at * page()) };
+        // SAFETY: as above; its pages read back as zero (first touches again).
+        unsafe { libc::madvise(chunk.cast(), step * page(), libc::MADV_DONTNEED) };
+        st.pages(chunk, step);
+        at += step;
+    })
+}
+
+fn fork_and_reap() {
+    // SAFETY: single-threaded; the child exits at once without running anything.
+    let child = unsafe { libc::fork() };
+    if child == 0 {
+        // SAFETY: leave the child without the parent's exit handlers.
+        unsafe { libc::_exit(0) };
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(child, &mut status, 0) };
+}
+
+/// Page-sized file writes through a 64-page buffer, stamped again for every chunk.
+fn pwrite_loop(args: &[String], st: &mut Stamp) -> ! {
+    use std::os::unix::fs::FileExt as _;
+    let path = args.get(1).expect("PATH");
+    let (n, ms, sync) = (arg(args, 2), arg(args, 3) as u64, arg(args, 4) == 1);
+    let f = create_rw(path);
+    let mut buf = vec![0u8; 64 * page()];
+    say("ready");
+    paced(ms, || {
+        stamped_chunks(st, &mut buf, n, |bytes, first| {
+            f.write_all_at(bytes, (first * page()) as u64)
+                .expect("pwrite")
+        });
+        if sync {
+            f.sync_data().expect("fdatasync");
+        }
+    })
+}
+
+/// A MAP_SHARED file mapping, every page stamped, then msync(MS_SYNC) as a database would.
+fn map_loop(args: &[String], st: &mut Stamp) -> ! {
+    use std::os::fd::AsRawFd as _;
+    let path = args.get(1).expect("PATH");
+    let (n, ms) = (arg(args, 2), arg(args, 3) as u64);
+    let f = create_rw(path);
+    f.set_len((n * page()) as u64).expect("size file");
+    // SAFETY: a shared mapping of exactly the file's n pages; written within bounds.
+    let p = unsafe {
+        libc::mmap(
+            ptr::null_mut(),
+            n * page(),
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    assert!(p != libc::MAP_FAILED, "mmap file");
+    say("ready");
+    paced(ms, || {
+        st.pages(p.cast(), n);
+        // SAFETY: the mapping made above.
+        let r = unsafe { libc::msync(p, n * page(), libc::MS_SYNC) };
+        assert_eq!(r, 0, "msync");
+    })
+}
+
+/// Reads one connection forever into a ring of `ring` pages: the stream's bytes land in
+/// each page of the ring in turn (the sender stamps every page it sends).
+fn recv_ring(port: u16, ring: usize) -> ! {
+    use std::io::Read as _;
+    let l = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind");
+    let p = map_anon(ring);
+    // SAFETY: advice on our own mapping (small pages, as the other writers).
+    unsafe { libc::madvise(p.cast(), ring * page(), libc::MADV_NOHUGEPAGE) };
+    // SAFETY: the ring mapping, ring * page() bytes, owned by this process for its life.
+    let buf = unsafe { std::slice::from_raw_parts_mut(p, ring * page()) };
+    say("ready");
+    let (mut s, _) = l.accept().expect("accept");
+    let mut at = 0;
+    loop {
+        let end = (at + 16 * page()).min(buf.len());
+        match s.read(&mut buf[at..end]) {
+            Ok(0) | Err(_) => std::process::exit(0),
+            Ok(k) => at = (at + k) % buf.len(),
+        }
+    }
+}
+
+fn send_loop(args: &[String], st: &mut Stamp) -> ! {
+    let (port, n, ms) = (arg(args, 1) as u16, arg(args, 2), arg(args, 3) as u64);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    // One 16-page buffer, stamped again before each send: the sender's own dirtying stays
+    // 16 pages a window, the receiver's ring gets new bytes in every page.
+    let mut buf = vec![0u8; 16 * page()];
+    say("ready");
+    paced(ms, || {
+        stamped_chunks(st, &mut buf, n, |bytes, _| {
+            if s.write_all(bytes).is_err() {
+                std::process::exit(0); // the receiver is gone
+            }
+        })
+    })
+}
+
+/// `n` pages handed to `put(bytes, first page)` through `buf`, stamped anew for each chunk.
+fn stamped_chunks(st: &mut Stamp, buf: &mut [u8], n: usize, mut put: impl FnMut(&[u8], usize)) {
+    let chunk = buf.len() / page();
+    let mut done = 0;
+    while done < n {
+        let k = (n - done).min(chunk);
+        st.pages(buf.as_mut_ptr(), k);
+        put(&buf[..k * page()], done);
+        done += k;
+    }
+}
+
+fn create_rw(path: &str) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .expect("open file")
 }

@@ -14,8 +14,12 @@ use flate2::Compression;
 
 use crate::{release_bin, root, run};
 
+mod fidelity;
+
 pub const GUEST_RAM_MB: u32 = 512;
 const TIMEOUT: Duration = Duration::from_secs(480);
+/// The test guests' scratch disk (sparse on the host).
+const DISK_BYTES: u64 = 256 << 20;
 
 pub fn vm_dir() -> PathBuf {
     root().join("target/vm")
@@ -166,13 +170,19 @@ while read m args; do
     insmod /modules/$m.ko $args || echo "IMMP-INSMOD-FAILED $m"
 done < /modules/load
 mke2fs -q /dev/ram0 && mount -t ext2 /dev/ram0 /mnt
+# The fidelity matrix's tmpfs, disk (ext2 on virtio-blk: its writeback dirties no guest page,
+# unlike the RAM disk's copy into pages of its own) and loopback.
+mkdir -p /dev/shm /disk && mount -t tmpfs shm /dev/shm
+for i in 1 2 3 4 5; do [ -b /dev/vda ] && break; sleep 1; done
+[ -b /dev/vda ] && mke2fs -q /dev/vda && mount -t ext2 /dev/vda /disk
+ifconfig lo 127.0.0.1 up
 # qemu-guest-agent on its virtio-serial port, when QEMU has one (the lab's guests). Without
 # udev there is no /dev/virtio-ports/NAME link: the port is found by its name in sysfs.
 for p in /sys/class/virtio-ports/*; do
     [ "$(cat $p/name 2>/dev/null)" = org.qemu.guest_agent.0 ] || continue
     PATH=/bin:/usr/bin:/usr/sbin /usr/sbin/qemu-ga -d -m virtio-serial -p /dev/${p##*/} -f /tmp/qemu-ga.pid -t /tmp -l /tmp/qemu-ga.log && echo "IMMP-QGA started on /dev/${p##*/}"
 done
-echo "IMMP-BOOTED $(uname -r) thp=$(cat /sys/kernel/mm/transparent_hugepage/enabled) mnt=$(grep -c " /mnt " /proc/mounts)"
+echo "IMMP-BOOTED $(uname -r) thp=$(cat /sys/kernel/mm/transparent_hugepage/enabled) mnt=$(grep -c " /mnt " /proc/mounts) disk=$(grep -c " /disk " /proc/mounts)"
 tests=$(sed -n 's/.*immp\.tests=\([^ ]*\).*/\1/p' /proc/cmdline | tr , ' ')
 lab=$(sed -n 's/.*immp\.lab=\([^ ]*\).*/\1/p' /proc/cmdline)
 if [ -n "$lab" ]; then /bin/immp-guest "lab-$lab"; fi
@@ -199,6 +209,8 @@ const MODULES: &[(&str, &str)] = &[
     ("virtio_pci_legacy_dev", ""),
     ("virtio_pci", ""),
     ("virtio_console", ""),
+    // The fidelity matrix's disk (vm-test guests only).
+    ("virtio_blk", ""),
 ];
 
 /// How MODULES reach one kernel: built-in ones need nothing but their parameters on the
@@ -319,7 +331,7 @@ fn initramfs(plan: &ModulePlan, out: &Path) -> anyhow::Result<()> {
     let gz = flate2::write::GzEncoder::new(std::io::BufWriter::new(file), Compression::fast());
     let mut w = crate::cpio::Writer::new(gz);
     for d in [
-        "bin", "proc", "sys", "dev", "tmp", "mnt", "modules", "usr", "usr/bin", "usr/sbin",
+        "bin", "proc", "sys", "dev", "tmp", "mnt", "disk", "modules", "usr", "usr/bin", "usr/sbin",
     ] {
         w.dir(d)?;
     }
@@ -376,9 +388,15 @@ pub struct Guest {
 
 impl Guest {
     /// Boots `boot` to run these guest tests (all when empty); `name` keeps logs apart.
+    /// A test guest also gets a blank scratch disk (virtio-blk, formatted by /init) for the
+    /// fidelity matrix's file writers.
     pub fn boot(name: &str, boot: &Boot, tests: &[String]) -> anyhow::Result<Self> {
         let words = format!("immp.tests={}", tests.join(","));
-        Self::start(name, boot, &words, None, false)
+        let disk = vm_dir().join(format!("{name}.disk.img"));
+        let f =
+            std::fs::File::create(&disk).with_context(|| format!("creating {}", disk.display()))?;
+        f.set_len(DISK_BYTES)?; // sparse: blocks only where the guest writes
+        Self::start_with(name, boot, &words, None, false, Some(&disk))
     }
 
     /// Starts QEMU; `name` keeps the log and QMP socket of several guests apart; `words` go
@@ -391,6 +409,17 @@ impl Guest {
         words: &str,
         incoming: Option<u16>,
         agent: bool,
+    ) -> anyhow::Result<Self> {
+        Self::start_with(name, boot, words, incoming, agent, None)
+    }
+
+    fn start_with(
+        name: &str,
+        boot: &Boot,
+        words: &str,
+        incoming: Option<u16>,
+        agent: bool,
+        disk: Option<&Path>,
     ) -> anyhow::Result<Self> {
         let log = vm_dir().join(format!("{name}.serial.log"));
         let qmp = vm_dir().join(format!("{name}.qmp.sock"));
@@ -421,6 +450,13 @@ impl Guest {
         .arg("-serial")
         .arg(format!("file:{}", log.display()))
         .args(["-monitor", "none"]);
+        if let Some(d) = disk {
+            // cache=unsafe: the guest's fdatasync() need not reach this host's disk (scratch).
+            cmd.arg("-drive").arg(format!(
+                "file={},format=raw,if=virtio,cache=unsafe",
+                d.display()
+            ));
+        }
         if agent {
             // Source and destination get the same devices (migration needs it).
             cmd.arg("-qmp")
@@ -572,6 +608,9 @@ mod live {
     }
 }
 
+/// QEMU's most sampled pages per GiB (see `Qmp::dirty_rate_mib`).
+const SAMPLE_PAGES_PER_GIB: u32 = 16384;
+
 /// A QMP connection: greeting read, capabilities negotiated.
 pub struct Qmp {
     r: BufReader<UnixStream>,
@@ -622,30 +661,47 @@ impl Qmp {
     }
 
     /// QEMU's own estimate of the guest's dirty rate over `secs`, bytes/s (page sampling: the
-    /// only mode that works under TCG).
+    /// only mode that works under TCG). QEMU reports whole MiB/s rounded down: the middle of
+    /// that bin is returned (see `fidelity::qemu_rate`).
     pub fn dirty_rate(&mut self, secs: u64) -> anyhow::Result<f64> {
+        Ok((self.dirty_rate_mib(secs)? + 0.5) * 1048576.0)
+    }
+
+    /// `calc-dirty-rate` in page-sampling mode, as QEMU reports it (whole MiB/s, rounded
+    /// down). `sample-pages` counts pages per GiB of guest RAM (QEMU 7.2 takes 128-16384;
+    /// RAM blocks under 128 MiB are skipped): 16384, the most, samples 8192 of the 512 MiB
+    /// guest's 131072 pages, each dirty one worth 0.0625 MiB/s over 1 s.
+    pub fn dirty_rate_mib(&mut self, secs: u64) -> anyhow::Result<f64> {
         self.cmd(
             "calc-dirty-rate",
-            serde_json::json!({"calc-time": secs, "sample-pages": 10000}),
+            serde_json::json!({"calc-time": secs, "sample-pages": SAMPLE_PAGES_PER_GIB}),
         )?;
         let t = Instant::now();
+        // Not asked before the window can be over; then often, so that back-to-back windows
+        // leave little of the phase unmeasured.
+        std::thread::sleep(Duration::from_secs(secs));
         loop {
-            std::thread::sleep(Duration::from_millis(200));
             let r = self.cmd("query-dirty-rate", serde_json::json!({}))?;
             if r["status"] == "measured" {
-                // Reported in MiB/s.
-                return Ok(r["dirty-rate"].as_f64().unwrap_or(0.0) * 1048576.0);
+                return Ok(r["dirty-rate"].as_f64().unwrap_or(0.0));
             }
             if t.elapsed() > Duration::from_secs(secs + 30) {
                 bail!("calc-dirty-rate did not finish");
             }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
 
+/// The middle value; of an even count, the mean of the two middle ones (not the upper one:
+/// the fidelity matrix's QEMU windows come in whole MiB/s, where the upper one is 1 MiB/s off).
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
-    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 /// Builds the release binaries once for every guest that follows.
@@ -695,6 +751,8 @@ struct KernelRun {
     kernel: &'static str,
     package: String,
     rows: Vec<Row>,
+    /// The fidelity matrix's table, when it ran.
+    table: Option<String>,
     secs: f64,
 }
 
@@ -705,17 +763,19 @@ pub fn test(tests: Vec<String>, kernels: &[&'static Kernel]) -> anyhow::Result<(
     let mut runs = Vec::new();
     for k in kernels {
         let started = Instant::now();
-        let (package, rows) = match test_kernel(k, &tests) {
+        let (package, rows, table) = match test_kernel(k, &tests) {
             Ok(r) => r,
             Err(e) => (
                 String::from("not booted"),
                 vec![Row::harness("harness", format!("{e:#}"))],
+                None,
             ),
         };
         let run = KernelRun {
             kernel: k.name,
             package,
             rows,
+            table,
             secs: started.elapsed().as_secs_f64(),
         };
         print_kernel(&run);
@@ -726,7 +786,10 @@ pub fn test(tests: Vec<String>, kernels: &[&'static Kernel]) -> anyhow::Result<(
 
 /// Boots one kernel and turns its serial log into rows; a guest that stopped early, timed
 /// out or could not load a module gets a harness row saying so.
-fn test_kernel(k: &'static Kernel, tests: &[String]) -> anyhow::Result<(String, Vec<Row>)> {
+fn test_kernel(
+    k: &'static Kernel,
+    tests: &[String],
+) -> anyhow::Result<(String, Vec<Row>, Option<String>)> {
     let boot = prepare(k)?;
     eprintln!(
         "vm: {}: booting {} under QEMU TCG ({GUEST_RAM_MB} MiB, 1 vCPU)",
@@ -734,12 +797,13 @@ fn test_kernel(k: &'static Kernel, tests: &[String]) -> anyhow::Result<(String, 
         boot.vmlinuz.display()
     );
     let mut g = Guest::boot(&format!("test-{}", k.name), &boot, tests)?;
-    let (log, qemu_rates) = watch(&mut g, k.name)?;
+    let (log, qemu_rates, phases) = watch(&mut g, k.name)?;
     let mut rows = result_rows(&log);
     judge_qemu_rate(&mut rows, &log, qemu_rates);
+    let table = fidelity::judge(&mut rows, &log, &phases);
     let exited = g.exited();
     rows.extend(harness_rows(&log, exited, tests, &rows));
-    Ok((boot.package, rows))
+    Ok((boot.package, rows, table))
 }
 
 /// What the guest's own results cannot say: modules that did not load, a guest that stopped
@@ -778,10 +842,14 @@ fn harness_rows(log: &str, exited: bool, tests: &[String], rows: &[Row]) -> Vec<
 }
 
 /// Follows the guest until IMMP-DONE, exit or TIMEOUT, echoing result lines, and measures
-/// QEMU's dirty rate while the guest's qemu-rate test asks for it. Returns the serial log.
-fn watch(g: &mut Guest, kernel: &str) -> anyhow::Result<(String, Vec<f64>)> {
+/// QEMU's dirty rate while the guest's qemu-rate test asks for it and over each phase of the
+/// fidelity matrix. Returns the serial log and QEMU's figures.
+fn watch(g: &mut Guest, kernel: &str) -> anyhow::Result<(String, Vec<f64>, fidelity::Phases)> {
     let started = Instant::now();
     let mut qemu_rates: Vec<f64> = Vec::new();
+    let mut phases = fidelity::Phases::new();
+    // QEMU's QMP socket takes one client at a time: one connection for the whole run.
+    let mut qmp: Option<Qmp> = None;
     let mut progress = 0usize;
     loop {
         std::thread::sleep(Duration::from_millis(250));
@@ -794,15 +862,27 @@ fn watch(g: &mut Guest, kernel: &str) -> anyhow::Result<(String, Vec<f64>)> {
         progress = log.lines().count();
         if log.contains("IMMP-QMP-START") && qemu_rates.is_empty() && !log.contains("IMMP-QMP-END")
         {
-            let mut q = Qmp::connect(&g.qmp)?;
+            let q = connected(&mut qmp, g)?;
             for _ in 0..3 {
                 qemu_rates.push(q.dirty_rate(1)?);
             }
         }
+        if let Some(phase) = fidelity::open_phase(&log, &phases) {
+            let windows = fidelity::measure(connected(&mut qmp, g)?, g, &phase)?;
+            phases.insert(phase, windows);
+            continue;
+        }
         if log.contains("IMMP-DONE") || g.exited() || started.elapsed() > TIMEOUT {
-            return Ok((log, qemu_rates));
+            return Ok((log, qemu_rates, phases));
         }
     }
+}
+
+fn connected<'a>(qmp: &'a mut Option<Qmp>, g: &Guest) -> anyhow::Result<&'a mut Qmp> {
+    if qmp.is_none() {
+        *qmp = Some(Qmp::connect(&g.qmp)?);
+    }
+    Ok(qmp.as_mut().expect("connected above"))
 }
 
 fn result_rows(log: &str) -> Vec<Row> {
@@ -858,6 +938,12 @@ fn print_kernel(run: &KernelRun) {
     println!("{:<16} {:<5} DETAIL", "TEST", "");
     for r in &run.rows {
         println!("{:<16} {:<5} {}", r.test, verdict(r.pass), r.detail);
+    }
+    if let Some(t) = &run.table {
+        println!(
+            "\nfidelity matrix on {} (QEMU: calc-dirty-rate page sampling, {SAMPLE_PAGES_PER_GIB} pages/GiB, 1 s windows; BASE: immp alone, for immp alone the idle guest)\n{t}",
+            run.kernel
+        );
     }
 }
 
