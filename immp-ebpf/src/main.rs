@@ -26,9 +26,7 @@ use aya_ebpf::{
     programs::{RawTracePointContext, TracePointContext},
 };
 use immp_common::{
-    Counters, ExitEvent, PageKey, PendingWrite, fault,
-    maps::{ARMED_CAPACITY, SEEN_CAPACITY},
-    stats, syscalls,
+    Counters, ExitEvent, PendingWrite, fault, maps::ARMED_CAPACITY, seen, stats, syscalls,
 };
 
 /// Default capacity; the loader overrides it (`--max-procs`).
@@ -42,7 +40,7 @@ static EXITS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 static STATS: Array<u64> = Array::with_max_entries(stats::LEN, 0);
 
 #[map]
-static SEEN: LruHashMap<PageKey, u32> = LruHashMap::with_max_entries(SEEN_CAPACITY, 0);
+static SEEN: Array<u64> = Array::with_max_entries(seen::SLOTS, 0);
 
 #[map]
 static WINDOW: Array<u32> = Array::with_max_entries(1, 0);
@@ -55,6 +53,10 @@ static FOLIO_NR_PAGES_OFFSET: Global<u32> = Global::new(0);
 
 #[unsafe(no_mangle)]
 static PG_HEAD_BIT: Global<u32> = Global::new(6);
+
+/// Byte offset of `index` in `struct folio` (0: unknown, page-cache pages are not deduplicated).
+#[unsafe(no_mangle)]
+static FOLIO_INDEX_OFFSET: Global<u32> = Global::new(0);
 
 #[map]
 static PENDING: LruHashMap<u32, PendingWrite> = LruHashMap::with_max_entries(4096, 0);
@@ -114,21 +116,34 @@ fn counters(tgid: u32) -> Option<*mut Counters> {
     p
 }
 
-/// Whether this process already wrote this page in the current window (then the fault is not
-/// a newly dirtied page); marks it written otherwise.
+/// Whether this process already wrote this page (a virtual page number, or a
+/// `seen::file_page`) in the current window; marks it written otherwise. See `immp_common::seen`.
 #[inline(always)]
-fn repeat(key: PageKey) -> bool {
+fn repeat(tgid: u32, page: u64) -> bool {
     // A process re-armed in exact mode has its own window (from its clear_refs on).
     // SAFETY: the value is copied out at once.
-    let window = match unsafe { ARMED.get(&key.tgid) } {
+    let window = match unsafe { ARMED.get(&tgid) } {
         Some(w) => *w,
         None => WINDOW.get(0).copied().unwrap_or(0),
     };
-    // SAFETY: the value is copied out at once; a concurrent update only makes it stale.
-    if unsafe { SEEN.get(&key) }.is_some_and(|w| *w == window) {
-        return true;
+    let h = seen::hash(tgid, page);
+    let (set, tag) = (seen::set(h), seen::tag(window, h));
+    let mut victim = set + (h % seen::WAYS as u64) as u32;
+    for i in 0..seen::WAYS {
+        let Some(slot) = SEEN.get_ptr_mut(set + i) else { return false };
+        // SAFETY: a live array slot; a racing CPU at worst makes one page count twice.
+        let t = unsafe { *slot };
+        if t == tag {
+            return true;
+        }
+        if seen::window_of(t) != window {
+            victim = set + i;
+        }
     }
-    let _ = SEEN.insert(&key, &window, 0);
+    if let Some(slot) = SEEN.get_ptr_mut(victim) {
+        // SAFETY: as above.
+        unsafe { *slot = tag };
+    }
     false
 }
 
@@ -147,7 +162,7 @@ fn on_fault(address: u64, error_code: u64) {
             // every fork of a shell loop); a not-present fault is a page's first touch, and
             // first-touch storms stay one map update cheaper.
             if error_code & fault::PRESENT != 0 {
-                if repeat(PageKey { tgid, _pad: 0, page: address >> 12 }) {
+                if repeat(tgid, address >> 12) {
                     add(&raw mut (*c).write_repeat, 1);
                 } else {
                     add(&raw mut (*c).write_protect, 1);
@@ -163,18 +178,26 @@ fn on_fault(address: u64, error_code: u64) {
     }
 }
 
+/// A page-cache folio of `pages` pages went from clean to dirty; `page`: its
+/// `seen::file_page` when known. Written back and dirtied again within one window (a database
+/// that fsyncs twice a second), it is still one page to resend: counted once per window.
 #[inline(always)]
-fn on_dirty(pages: u64) {
+fn on_dirty(pages: u64, page: Option<u64>) {
     let id = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((id >> 32) as u32, id as u32);
     let Some(c) = counters(tgid) else { return };
+    let fresh = !page.is_some_and(|p| repeat(tgid, p));
     // SAFETY: `c` is a live map value.
     unsafe {
-        add(&raw mut (*c).pagecache_pages, pages);
+        if fresh {
+            add(&raw mut (*c).pagecache_pages, pages);
+        }
         if (*c).armed_tid == tid {
             // One fault dirties at most one folio: disarm so a later write() is not matched.
             (*c).armed_tid = 0;
-            add(&raw mut (*c).pagecache_in_fault, 1);
+            if fresh {
+                add(&raw mut (*c).pagecache_in_fault, 1);
+            }
         }
     }
 }
@@ -321,7 +344,7 @@ fn on_write_done(nr: u64, args: &[u64; 4], written: u64) {
         if i >= pages {
             break;
         }
-        if !repeat(PageKey::shmem(tgid, inode, first + i)) {
+        if !repeat(tgid, seen::file_page(inode, first + i)) {
             fresh += 1;
         }
     }
@@ -352,7 +375,13 @@ pub fn fault_kernel_btf(ctx: RawTracePointContext) -> i32 {
 /// writeback_dirty_folio(struct folio *folio, struct address_space *mapping)
 #[raw_tracepoint(tracepoint = "writeback_dirty_folio")]
 pub fn dirty_folio_btf(ctx: RawTracePointContext) -> i32 {
-    on_dirty(folio_pages(ctx.arg::<u64>(0)));
+    let (folio, mapping) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1));
+    let off = FOLIO_INDEX_OFFSET.load();
+    let page = (off != 0)
+        .then(|| kread::<u64>(folio + off as u64))
+        .flatten()
+        .map(|index| seen::file_page(mapping, index));
+    on_dirty(folio_pages(folio), page);
     0
 }
 
@@ -411,10 +440,18 @@ pub fn fault_kernel_tp(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// The classic record carries no folio pointer: each event counts one page (reported).
+/// The classic record carries no folio pointer: each event counts one page (reported). It
+/// names the page by inode number and index (events/writeback/writeback_dirty_folio/format:
+/// ino @40, index @48).
 #[tracepoint]
-pub fn dirty_folio_tp(_ctx: TracePointContext) -> u32 {
-    on_dirty(1);
+pub fn dirty_folio_tp(ctx: TracePointContext) -> u32 {
+    // SAFETY: offsets from the format file above.
+    let (ino, index) = unsafe { (ctx.read_at::<u64>(40), ctx.read_at::<u64>(48)) };
+    let page = match (ino, index) {
+        (Ok(i), Ok(x)) => Some(seen::file_page(i, x)),
+        _ => None,
+    };
+    on_dirty(1, page);
     0
 }
 

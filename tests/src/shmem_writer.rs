@@ -12,7 +12,8 @@ use std::{
 /// larger call counts its other pages as new).
 const CHUNK: usize = 16;
 
-const CALLS: &str = "write|write-once|pwrite|writev|pwritev|sendfile|splice|copy_file_range";
+const CALLS: &str =
+    "write|write-once|pwrite|pwrite-sync|writev|pwritev|sendfile|splice|copy_file_range";
 
 pub fn run(args: &[String], pg: usize) {
     let (n, passes) = (super::arg(args, 1), super::arg(args, 4));
@@ -78,6 +79,14 @@ fn write_pass(call: &str, dest: &File, (source, at): (&File, i64), bytes: &[u8],
             "write-once" => {
                 let r = libc::pwrite(d, bytes.as_ptr().cast(), len, 0);
                 assert_eq!(r, len as isize, "one pwrite of everything");
+            }
+            "pwrite-sync" => {
+                // A database's pattern: rewrite, then make it durable (written back: clean).
+                for (i, page) in bytes.chunks(pg).enumerate() {
+                    let r = libc::pwrite(d, page.as_ptr().cast(), pg, (i * pg) as i64);
+                    assert_eq!(r, pg as isize, "pwrite");
+                }
+                assert_eq!(libc::fdatasync(d), 0, "fdatasync");
             }
             "pwrite" => {
                 for (i, page) in bytes.chunks(pg).enumerate() {

@@ -379,3 +379,34 @@ fn one_large_shmem_write_counts_all_its_pages_and_disk_files_are_not_shmem() {
     let shmem = find(&snap, pid).rates.shmem * snap.interval_s;
     assert!(shmem < 1.0, "pwrite to a disk file: {shmem:.0} shmem pages");
 }
+
+/// A file rewritten and fdatasync'd twice within one window (written back in between, so its
+/// pages go clean -> dirty twice): one page to resend each, counted once, in both flavours.
+#[test]
+fn page_cache_rewritten_after_writeback_counts_once_per_window() {
+    const PAGES: usize = 256;
+    let dir = scratch("pagecache-twice");
+    assert_ne!(
+        fs_magic(dir.to_str().expect("utf-8")),
+        0x0102_1994,
+        "a disk filesystem"
+    );
+    for flavour in [FlavourChoice::Btf, FlavourChoice::Tracepoint] {
+        let file = dir.join(format!("{flavour:?}"));
+        let (snap, pid, _) = measure(
+            flavour,
+            &[
+                "shmem-write",
+                &PAGES.to_string(),
+                file.to_str().expect("utf-8"),
+                "pwrite-sync",
+                "2",
+            ],
+        );
+        let cache = find(&snap, pid).rates.pagecache * snap.interval_s;
+        assert!(
+            within(cache, PAGES as f64, 0.02),
+            "{flavour:?}: {cache:.0} page-cache pages for {PAGES} written twice"
+        );
+    }
+}

@@ -17,6 +17,8 @@ pub struct FolioLayout {
     pub nr_pages_offset: u32,
     /// Value of `PG_head` in `enum pageflags`.
     pub pg_head_bit: u32,
+    /// Byte offset of `index` (the folio's page offset in its file); 0 if not found.
+    pub index_offset: u32,
 }
 
 // BTF kinds (include/uapi/linux/btf.h).
@@ -220,9 +222,14 @@ pub fn folio_layout(btf: &Btf) -> Option<FolioLayout> {
         .iter()
         .find_map(|name| btf.member_bit_offset(folio, name, 0))?;
     let pg_head_bit = btf.enum_value("pageflags", "PG_head")?;
+    let index_offset = btf
+        .member_bit_offset(folio, "index", 0)
+        .filter(|b| b % 8 == 0)
+        .map_or(0, |b| b / 8);
     (bits % 8 == 0).then_some(FolioLayout {
         nr_pages_offset: bits / 8,
         pg_head_bit,
+        index_offset,
     })
 }
 
@@ -283,6 +290,8 @@ mod tests {
         let f = folio_layout(&btf).expect("6.x kernels have struct folio");
         assert!(f.nr_pages_offset > 0 && f.nr_pages_offset < 256, "{f:?}");
         assert!(f.pg_head_bit < 64, "{f:?}");
+        // flags, lru (two pointers), mapping, then index.
+        assert_eq!(f.index_offset, 32, "{f:?}");
     }
 
     #[test]

@@ -175,11 +175,12 @@ impl Probes {
     fn loader(opts: &ProbeOptions, facts: &KernelFacts) -> anyhow::Result<Ebpf> {
         let mut loader = Self::new_loader();
         loader.map_max_entries(maps::COUNTERS, opts.max_procs.max(1));
-        let (off, bit) = facts
-            .folio
-            .map_or((0u32, 0u32), |f| (f.nr_pages_offset, f.pg_head_bit));
+        let (off, bit, index) = facts.folio.map_or((0u32, 0u32, 0u32), |f| {
+            (f.nr_pages_offset, f.pg_head_bit, f.index_offset)
+        });
         loader.override_global(globals::FOLIO_NR_PAGES_OFFSET, &off, true);
         loader.override_global(globals::PG_HEAD_BIT, &bit, true);
+        loader.override_global(globals::FOLIO_INDEX_OFFSET, &index, true);
         let file = facts.file.unwrap_or_default();
         for (name, value) in globals::FILE_LAYOUT.iter().zip(&file) {
             loader.override_global(name, value, true);
