@@ -19,10 +19,12 @@ pub struct Counters {
     pub write_protect: u64,
     /// Read (and instruction fetch) faults: not dirtying, reported for context.
     pub read: u64,
-    /// Write-protect faults on a page this process already dirtied in the current window (the window
+    /// Write faults on a page this process already dirtied in the current window (the window
     /// number is `WINDOW[0]`, advanced by the agent every sample): fork churn write-protects
-    /// the same few pages again after every fork, and the hypervisor resends a page at most once
-    /// per round, so these are not dirty pages. Reported, not counted as dirtying.
+    /// the same few pages again after every fork, an allocator that unmaps and maps its arena
+    /// faults the same addresses in again (on pages the kernel mostly hands straight back), and
+    /// the hypervisor resends a page at most once per round, so these are not dirty pages.
+    /// Reported, not counted as dirtying.
     pub write_repeat: u64,
     /// Page-cache pages this process marked dirty (`writeback_dirty_folio`), counted in base
     /// pages (a large folio counts all its pages).

@@ -158,15 +158,14 @@ fn on_fault(address: u64, error_code: u64) {
     // SAFETY: `c` is a live map value; we only take field addresses.
     unsafe {
         if error_code & fault::WRITE != 0 {
-            // Only write-protect faults repeat on one page within a window (copy-on-write after
-            // every fork of a shell loop); a not-present fault is a page's first touch, and
-            // first-touch storms stay one map update cheaper.
-            if error_code & fault::PRESENT != 0 {
-                if repeat(tgid, address >> 12) {
-                    add(&raw mut (*c).write_repeat, 1);
-                } else {
-                    add(&raw mut (*c).write_protect, 1);
-                }
+            // A page faults again within one window after every fork of a shell loop
+            // (write-protect: copy-on-write) or every munmap/mmap of an allocator's arena (not
+            // present: a fresh page, which the kernel mostly hands back from the pages just
+            // freed): the hypervisor resends it once.
+            if repeat(tgid, address >> 12) {
+                add(&raw mut (*c).write_repeat, 1);
+            } else if error_code & fault::PRESENT != 0 {
+                add(&raw mut (*c).write_protect, 1);
             } else {
                 add(&raw mut (*c).write_new, 1);
             }

@@ -187,3 +187,17 @@ pub fn bench(args: &[String], pg: usize) {
     });
     println!("{ignored:.1} {dropped:.1} {counted:.1}");
 }
+
+/// `immp-workload churn-once N REPS`: within the bracket, REPS times: map N fresh anonymous
+/// pages, write each, unmap (an allocator returning its arena and taking it again).
+pub fn churn(args: &[String], pg: usize) {
+    let (n, reps) = (super::arg(args, 1), super::arg(args, 2));
+    super::bracket(|| {
+        for rep in 0..reps {
+            let p = super::map_anon(n);
+            super::touch(p, n, rep as u8 + 1);
+            // SAFETY: unmapping exactly what was mapped.
+            unsafe { libc::munmap(p.cast(), n * pg) };
+        }
+    });
+}

@@ -12,6 +12,7 @@
 //!                        (write, pwrite, writev, pwritev, sendfile, splice, copy_file_range, 16
 //!                        pages a call; write-once: one pwrite of all N pages),
 //!                        PASSES times with new bytes each pass (see shmem_writer.rs)
+//!   churn-once N REPS    REPS times: map N fresh pages, write each, unmap (bracketed once)
 //!   syscall-bench N      ns per call of getppid, a 1-byte write to /dev/null and a one-page
 //!                        pwrite into a memfd (what immp's syscall-exit hook costs each)
 //!   shared-map N PATH    write one byte to each of N pages of a MAP_SHARED file mapping
@@ -145,6 +146,7 @@ fn main() {
         }
         "shmem-write" => shmem_writer::run(&args, pg),
         "syscall-bench" => shmem_writer::bench(&args, pg),
+        "churn-once" => shmem_writer::churn(&args, pg),
         "file-write" => {
             let n = arg(&args, 1);
             let path = args.get(2).expect("PATH");

@@ -410,3 +410,24 @@ fn page_cache_rewritten_after_writeback_counts_once_per_window() {
         );
     }
 }
+
+/// An allocator's churn: the same 256 pages mapped, written and unmapped 8 times within one
+/// window fault in at the same addresses, on pages the kernel mostly hands straight back: the
+/// hypervisor sees them about once, so they count once (the rest are repeats).
+#[test]
+fn map_touch_unmap_churn_counts_its_pages_once_per_window() {
+    const PAGES: usize = 256;
+    let (snap, pid, _) = measure(FlavourChoice::Btf, &["churn-once", &PAGES.to_string(), "8"]);
+    let p = find(&snap, pid);
+    let c = counts(&snap, p);
+    let repeats = p.rates.write_repeat * snap.interval_s;
+    assert!(
+        within(c.write_new, PAGES as f64, 0.05),
+        "{:.0} new pages for {PAGES} pages churned 8 times",
+        c.write_new
+    );
+    assert!(
+        within(repeats, 7.0 * PAGES as f64, 0.05),
+        "{repeats:.0} repeats"
+    );
+}
