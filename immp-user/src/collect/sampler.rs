@@ -624,7 +624,9 @@ impl<C: CounterSource, P: ProcSource> Sampler<C, P> {
         self.last_allocs = now;
         let explained: f64 = processes
             .iter()
-            .map(|p| p.rates.write_new + p.rates.pagecache + p.rates.shmem)
+            // Repeat faults allocate too (a page mapped in again, a copy-on-write copy), on pages
+            // the kernel mostly hands straight back: already counted, not unattributed.
+            .map(|p| p.rates.write_new + p.rates.write_repeat + p.rates.pagecache + p.rates.shmem)
             .sum::<f64>()
             + t.short_lived_dirty_pages_per_s;
         t.unattributed_pages_per_s = (allocs - explained).max(0.0);
