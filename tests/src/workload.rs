@@ -18,7 +18,8 @@
 //!   shared-map N PATH    write one byte to each of N pages of a MAP_SHARED file mapping
 //!   cow N                touch N pages, fork; the child rewrites all N (copy-on-write) and exits
 //!   storm N              fork N children that each touch 4 pages and exit at once
-//!   writer PAGES         forever: touch PAGES fresh pages, unmap, repeat (CPU-bound dirtier)
+//!   writer PAGES         forever: touch PAGES fresh pages at a new address, unmap, repeat
+//!                        (CPU-bound dirtier)
 //!   rewrite PAGES        forever: rewrite the same PAGES pages (no faults after the first pass)
 //!   ring PAGES WORK      forever: drop and re-touch a ring of PAGES pages, WORK spins per page
 //!                        (a decoder-like writer: each touch is a new-page fault, RSS stays PAGES)
@@ -253,11 +254,27 @@ fn main() {
         "writer" => {
             let n = arg(&args, 1);
             say("ready");
-            loop {
-                let p = map_anon(n);
-                touch(p, n, 1);
-                // SAFETY: unmapping what we mapped.
-                unsafe { libc::munmap(p.cast(), n * pg) };
+            // A new address each time (2^16 slots from 32 TiB up, a hint: the kernel goes
+            // elsewhere if one is taken): immp counts the same address faulted in twice in a
+            // window once, as the hypervisor would see the recycled page, and this writer
+            // stands for a process streaming through fresh memory.
+            for cycle in 0usize.. {
+                let hint = (0x2000_0000_0000usize + (cycle % (1 << 16)) * n * pg) as *mut _;
+                // SAFETY: a fresh anonymous private mapping at a hinted address (no MAP_FIXED:
+                // nothing of ours is replaced), written within its length, then unmapped.
+                unsafe {
+                    let p = libc::mmap(
+                        hint,
+                        n * pg,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                        -1,
+                        0,
+                    );
+                    assert!(p != libc::MAP_FAILED, "mmap failed");
+                    touch(p.cast(), n, 1);
+                    libc::munmap(p, n * pg);
+                }
             }
         }
         "rewrite" => {
