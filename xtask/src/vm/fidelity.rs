@@ -174,28 +174,30 @@ const KNOWN: &[Limit] = &[
         band_mb: (-1.6, 1.0),
     },
     // Every short-lived child counts the pages it copies and touches; physically they are the
-    // same few pages, recycled from the child before (measured +2.3..+2.7 MB/s; totals +2..+6.3).
+    // same few pages, recycled from the child before (measured +2.3..+2.7 MB/s; totals +2..+6.3;
+    // bands about 1.6 x the worst seen, the rate of children varies with the machine's speed).
     Limit {
         class: "fork",
-        total: false,
-        band_mb: (-1.0, 4.0),
-    },
-    Limit {
-        class: "fork",
-        total: true,
-        band_mb: (-1.0, 8.0),
-    },
-    // The same for exec'd children, which also fault in a whole new image (+3.6..+4.2 MB/s;
-    // totals with the kernel's allocations for exec +7..+10.5).
-    Limit {
-        class: "fork-exec",
         total: false,
         band_mb: (-1.0, 6.0),
     },
     Limit {
+        class: "fork",
+        total: true,
+        band_mb: (-1.0, 10.0),
+    },
+    // The same for exec'd children, which also fault in a whole new image (+3.6..+4.2 MB/s;
+    // totals with the kernel's allocations for exec +7..+11; a clean-clone CI run measured +6.04
+    // for the workload, past a first band of 6).
+    Limit {
+        class: "fork-exec",
+        total: false,
+        band_mb: (-1.0, 10.0),
+    },
+    Limit {
         class: "fork-exec",
         total: true,
-        band_mb: (-1.0, 14.0),
+        band_mb: (-1.0, 18.0),
     },
     // `unattributed` counts every page allocation (/proc/vmstat); socket buffers recycle the
     // same pages many times a window (measured 1.43-1.79 x QEMU).
@@ -387,7 +389,7 @@ mod tests {
     #[test]
     fn a_known_limit_passes_within_its_band_and_fails_beyond_it() {
         assert_eq!(verdict("fork", false, 3.6 * MB, 1.05 * MB), "known limit");
-        assert_eq!(verdict("fork", false, 5.5 * MB, 1.05 * MB), "FAIL");
+        assert_eq!(verdict("fork", false, 8.0 * MB, 1.05 * MB), "FAIL");
         assert_eq!(verdict("fork", false, 1.5 * MB, 1.05 * MB), "ok");
         // A band is for its class and measure only.
         assert_eq!(verdict("rewriter", false, 3.6 * MB, 1.05 * MB), "FAIL");
