@@ -44,13 +44,7 @@ fn open(path: &str) -> File {
         // SAFETY: a fresh descriptor we own.
         return unsafe { File::from_raw_fd(fd) };
     }
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .expect("open PATH")
+    super::create_rw(path)
 }
 
 /// An unlinked /dev/shm file holding `bytes`.

@@ -81,6 +81,21 @@ struct Hook {
     required: bool,
 }
 
+impl Hook {
+    /// `--no-shmem` leaves the system-call hooks out; they are reported as off.
+    fn left_out(
+        &self,
+        opts: &ProbeOptions,
+        hooks: &mut BTreeMap<String, Result<(), String>>,
+    ) -> bool {
+        let off = !opts.shmem && self.category == "raw_syscalls";
+        if off {
+            hooks.insert(self.name.to_string(), Err("off (--no-shmem)".into()));
+        }
+        off
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FlavourChoice {
     /// Raw tracepoints (BTF-checked) where they load, classic tracepoints otherwise.
@@ -199,8 +214,7 @@ impl Probes {
         let mut hooks = BTreeMap::new();
         for (h, present) in HOOKS.iter().zip(facts.present) {
             let Some(btf_prog) = h.btf_prog else { continue };
-            if !opts.shmem && h.category == "raw_syscalls" {
-                hooks.insert(h.name.to_string(), Err("off (--no-shmem)".into()));
+            if h.left_out(opts, &mut hooks) {
                 continue;
             }
             if !present {
@@ -251,8 +265,7 @@ impl Probes {
         let mut ebpf = Self::loader(opts, &facts)?;
         let mut hooks = BTreeMap::new();
         for h in HOOKS {
-            if !opts.shmem && h.category == "raw_syscalls" {
-                hooks.insert(h.name.to_string(), Err("off (--no-shmem)".into()));
+            if h.left_out(opts, &mut hooks) {
                 continue;
             }
             let res = (|| -> anyhow::Result<()> {
