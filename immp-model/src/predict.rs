@@ -380,7 +380,10 @@ mod tests {
         };
         assert!((round_zero(&l, &[(streamer.clone(), None)]) - 125e6).abs() < 1e3);
         let capped = round_zero(&l, &[(streamer, Some(50.0))]);
-        assert!((capped - 100e6 / (1.0 - 1.25 / 12.5)).abs() < 1e3, "{capped}");
+        assert!(
+            (capped - 100e6 / (1.0 - 1.25 / 12.5)).abs() < 1e3,
+            "{capped}"
+        );
         let rewriter = Writer::linear(5e6, 50e6, 100.0);
         assert_eq!(round_zero(&l, &[(rewriter, None)]), 100e6);
         let tight = l.with_memory(110e6);
@@ -388,7 +391,11 @@ mod tests {
             growth: 50e6,
             ..Writer::linear(50e6, 1e9, 100.0)
         };
-        assert_eq!(round_zero(&tight, &[(fast, None)]), 110e6, "no more than memory");
+        assert_eq!(
+            round_zero(&tight, &[(fast, None)]),
+            110e6,
+            "no more than memory"
+        );
     }
 
     #[test]
