@@ -47,7 +47,7 @@ pub const DEFAULT_HEADROOM: f64 = 0.15;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AutoSettings {
-    /// The migration link; `ram` is what round 0 sends.
+    /// The migration link; `ram` is the guest's non-zero memory (round 0 without new pages).
     pub link: Link,
     /// Never cap below this (QoS floor), percent of one CPU.
     pub floor_pct: f64,
@@ -333,7 +333,8 @@ fn writer_of(p: &ProcSample, t: &Track, cap: Option<f64>, margin: f64, page: f64
         rate: rate * margin,
         working_set: p.rss_bytes.max(4096) as f64,
         // The share of its writes that touch new pages, measured now, applied to its
-        // uncapped rate (a rate measured under a cap would be slowed by the cap twice).
+        // uncapped rate (a rate measured under a cap would be slowed by the cap twice), with
+        // the same headroom as the rate: it feeds both later rounds and round 0's new pages.
         growth: rate * margin * new_share(p, page),
         cpu_pct: cpu,
         curve: p
