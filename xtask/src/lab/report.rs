@@ -642,10 +642,15 @@ pub fn write(
         .iter()
         .find(|s| s.key == "idle/uncapped")
         .and_then(|s| s.time_median_s);
+    let all = super::configs(quick).len();
+    let scope = match (quick, configs.len() < all) {
+        (true, _) => "--quick".to_string(),
+        (false, true) => format!("{} of the {all} configurations (--only)", configs.len()),
+        (false, false) => "full run".to_string(),
+    };
     let mut md = format!(
-        "Migration lab, {} ({}, {} repeat{} per configuration, {:.0} min), {}; host load average at the end {}; immp {}.\n\n",
+        "Migration lab, {} ({scope}, {} repeat{} per configuration, {:.0} min), {}; host load average at the end {}; immp {}.\n\n",
         today(),
-        if quick { "--quick" } else { "full run" },
         repeats,
         if repeats == 1 { "" } else { "s" },
         started.elapsed().as_secs_f64() / 60.0,
