@@ -65,16 +65,10 @@ pub fn take(id: ProcId, journal_dir: &Path) -> anyhow::Result<()> {
     let d = dir();
     std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
     let p = path(id);
+    let text = format!("{}\n{}\n", std::process::id(), journal_dir.display());
     for _ in 0..2 {
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&p)
-        {
-            Ok(mut f) => {
-                writeln!(f, "{}\n{}", std::process::id(), journal_dir.display())?;
-                return Ok(());
-            }
+        match publish(&p, &text) {
+            Ok(()) => return Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => match holder(id) {
                 // Ours (a cap changed or re-taken after a crash of ours): fine.
                 Some(h) if h.pid == std::process::id() => return Ok(()),
@@ -87,7 +81,8 @@ pub fn take(id: ProcId, journal_dir: &Path) -> anyhow::Result<()> {
                     msg: refusal(id, &h)
                 }),
                 None => {
-                    let _ = std::fs::remove_file(&p); // unreadable or half-written: stale
+                    // Unreadable (a claim is never seen half-written: `publish`): stale.
+                    let _ = std::fs::remove_file(&p);
                 }
             },
             Err(e) => return Err(e).with_context(|| format!("creating {}", p.display())),
@@ -96,7 +91,84 @@ pub fn take(id: ProcId, journal_dir: &Path) -> anyhow::Result<()> {
     anyhow::bail!("cannot claim PID {} in {}", id.pid, d.display())
 }
 
+/// Creates `p` holding `text`, or fails with AlreadyExists, in one step: the text goes to a
+/// file of our own first, then is linked to `p` (link never replaces). A claim created empty
+/// and written after could be read in between by an immp started at the same instant, taken
+/// for a stale one, removed, and both would cap the process (seen in a CI run).
+fn publish(p: &Path, text: &str) -> std::io::Result<()> {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut name = p.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".new-{}-{n}", std::process::id()));
+    let tmp = p.with_file_name(name);
+    let r = std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .and_then(|()| std::fs::hard_link(&tmp, p));
+    let _ = std::fs::remove_file(&tmp);
+    r
+}
+
 /// Releases the claim on `id` once its cap is undone (also by `immp restore`).
 pub fn release(id: ProcId) {
     let _ = std::fs::remove_file(path(id));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Racing immps: while many threads try to publish one claim, readers polling it never see
+    /// it empty or half-written, exactly one publisher wins, and no private file is left.
+    #[test]
+    fn a_claim_is_never_seen_half_written_and_only_one_wins() {
+        let dir = std::env::temp_dir().join(format!("immp-claim-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for round in 0..50 {
+            let p = dir.join(format!("4242-{round}"));
+            let text = format!(
+                "{}\n/var/lib/immp/{}\n",
+                std::process::id(),
+                "x".repeat(4000)
+            );
+            let stop = std::sync::atomic::AtomicBool::new(false);
+            let wins = std::thread::scope(|s| {
+                let reader = s.spawn(|| {
+                    let mut seen = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        if let Ok(t) = std::fs::read_to_string(&p) {
+                            assert_eq!(t, text, "a claim seen half-written");
+                            seen += 1;
+                        }
+                    }
+                    seen
+                });
+                let writers: Vec<_> = (0..4).map(|_| s.spawn(|| publish(&p, &text))).collect();
+                let results: Vec<_> = writers.into_iter().map(|w| w.join()).collect();
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                reader.join().unwrap();
+                results
+                    .into_iter()
+                    .map(|r| r.unwrap())
+                    .filter(|r| match r {
+                        Ok(()) => true,
+                        Err(e) => {
+                            assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "{e}");
+                            false
+                        }
+                    })
+                    .count()
+            });
+            assert_eq!(
+                wins, 1,
+                "round {round}: exactly one publisher creates the claim"
+            );
+        }
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.contains(".new-"))
+            .collect();
+        assert!(left.is_empty(), "private files left: {left:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
