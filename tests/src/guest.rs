@@ -769,18 +769,43 @@ fn doctor() -> Outcome {
             .unwrap_or_default()
     };
     // A probe flavour is "ok" only when its fault self-test and its shmem self-test (64
-    // pages of a memfd written twice: 64 counted) both pass.
+    // pages of a memfd written twice: 64 counted, at most 8 more on a busy machine) both pass.
     let got = [
         st("soft-dirty"),
         st("probes-btf"),
         st("probes-tracepoint"),
         st("cgroup-v2-cpu"),
     ];
+    // A failure says why: the detail of each of these that is not ok (the self-tests' counts).
+    let why: Vec<String> = [
+        "soft-dirty",
+        "probes-btf",
+        "probes-tracepoint",
+        "cgroup-v2-cpu",
+    ]
+    .iter()
+    .filter(|n| st(n) != "ok")
+    .filter_map(|n| {
+        v["checks"]
+            .as_array()?
+            .iter()
+            .find(|c| c["name"] == *n)
+            .map(|c| format!("{n}: {}", c["detail"].as_str().unwrap_or("")))
+    })
+    .collect();
     check(
         got.iter().all(|s| s == "ok"),
         format!(
-            "soft-dirty {}, probes-btf {}, probes-tracepoint {}, cgroup-v2-cpu {}",
-            got[0], got[1], got[2], got[3]
+            "soft-dirty {}, probes-btf {}, probes-tracepoint {}, cgroup-v2-cpu {}{}",
+            got[0],
+            got[1],
+            got[2],
+            got[3],
+            if why.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", why.join("; "))
+            }
         ),
     )
 }

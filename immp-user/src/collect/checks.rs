@@ -286,8 +286,20 @@ fn probe_check(name: &'static str, what: &str, p: &Probes) -> Check {
     let n = self_test(p, 256);
     let (shmem, shmem_ok) = if p.report.shmem_known {
         let m = shmem_self_test(p, 64);
-        let s = format!("; shmem self-test counted {m}/64 pages written twice");
-        (s, m == 64)
+        // The per-window page set is bounded and shared by every process: on a busy machine
+        // other processes' writes between the two passes can evict a few of ours, which are
+        // then counted again (seen: 66/64 while compiling). Counting works when all 64 count;
+        // rewrites are deduplicated when at most 1 in 8 comes back (none would be 128).
+        let again = m.saturating_sub(64);
+        let note = if again > 0 {
+            format!(
+                " ({again} counted again: evicted from the page set by other processes' writes)"
+            )
+        } else {
+            String::new()
+        };
+        let s = format!("; shmem self-test counted {m}/64 pages written twice{note}");
+        (s, (64..=72).contains(&m))
     } else {
         let s = "; shmem writes not counted (no file layout in BTF or no syscall hook)";
         (s.to_string(), false)
