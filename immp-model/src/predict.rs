@@ -140,7 +140,12 @@ impl Writer {
     /// it does what it would do uncapped in `t x cap / cpu` (for a streaming writer that is the
     /// rate scaled by the cap; for a rewriter of a small buffer it changes little).
     pub fn dirtied(&self, t: f64, cap_pct: Option<f64>) -> f64 {
-        let te = t * self.speed(cap_pct);
+        self.dirtied_in(t * self.speed(cap_pct))
+    }
+
+    /// Distinct bytes dirtied in `te` seconds of uncapped progress (`dirtied` once the cap's
+    /// `speed` is known: the predictor computes it once per writer, not once per round).
+    fn dirtied_in(&self, te: f64) -> f64 {
         let bytes = match self.curve.as_slice() {
             [] => self.rate * te,
             pts => interpolate(pts, te),
@@ -197,7 +202,8 @@ fn interpolate(pts: &[(f64, f64)], t: f64) -> f64 {
 /// `ram` (measured before) did not hold it if its frame was zero. New pages land on free frames,
 /// of which at least (memory - ram) / memory are zero: a freed frame keeps its old bytes and is
 /// in `ram` already (in a guest up for long, nearly every frame). Rewritten pages add nothing.
-fn round_zero(link: &Link, writers: &[(Writer, Option<f64>)]) -> f64 {
+/// `writers`: each with its `speed` under its cap.
+fn round_zero(link: &Link, writers: &[(&Writer, f64)]) -> f64 {
     let room = (link.memory - link.ram).max(0.0);
     if room <= 0.0 || link.bandwidth.is_nan() || link.bandwidth <= 0.0 {
         return link.ram;
@@ -207,7 +213,7 @@ fn round_zero(link: &Link, writers: &[(Writer, Option<f64>)]) -> f64 {
     let new = |t: f64| -> f64 {
         writers
             .iter()
-            .map(|(w, cap)| (w.growth * t * w.speed(*cap)).min(w.dirtied(t, *cap)))
+            .map(|(w, speed)| (w.growth * t * speed).min(w.dirtied_in(t * speed)))
             .filter(|b| b.is_finite())
             .sum()
     };
@@ -226,14 +232,15 @@ fn round_zero(link: &Link, writers: &[(Writer, Option<f64>)]) -> f64 {
 }
 
 pub fn predict(link: &Link, writers: &[(Writer, Option<f64>)]) -> Prediction {
+    let writers: Vec<(&Writer, f64)> = writers.iter().map(|(w, c)| (w, w.speed(*c))).collect();
     let dirtied = |t: f64| -> f64 {
         writers
             .iter()
-            .map(|(w, cap)| w.dirtied(t, *cap))
+            .map(|(w, speed)| w.dirtied_in(t * speed))
             .sum::<f64>()
             .min(link.memory)
     };
-    let mut send = round_zero(link, writers);
+    let mut send = round_zero(link, &writers);
     let mut elapsed = 0.0;
     let mut sent = 0.0;
     for round in 1..=link.max_rounds {
@@ -388,6 +395,11 @@ mod tests {
     /// 12.5 MB/s link: round 0 sends 100 / (1 - 0.9 x 2.5 / 12.5) = 121.95 MB, and `predict`
     /// takes that much longer. Rewrites add nothing; in a guest whose frames all hold data
     /// (long up) new pages add nearly nothing either.
+    fn r0_of(link: &Link, writers: &[(Writer, Option<f64>)]) -> f64 {
+        let ws: Vec<(&Writer, f64)> = writers.iter().map(|(w, c)| (w, w.speed(*c))).collect();
+        round_zero(link, &ws)
+    }
+
     #[test]
     fn first_touches_ahead_of_the_scan_lengthen_round_zero() {
         let l = Link::new(12.5e6, 100e6, Duration::from_millis(300)).with_memory(1e9);
@@ -395,16 +407,16 @@ mod tests {
             growth: 5e6,
             ..Writer::linear(5e6, 1e9, 100.0)
         };
-        let r0 = round_zero(&l, &[(streamer.clone(), None)]);
+        let r0 = r0_of(&l, &[(streamer.clone(), None)]);
         assert!((r0 - 100e6 / (1.0 - 0.9 * 2.5 / 12.5)).abs() < 1e3, "{r0}");
-        let capped = round_zero(&l, &[(streamer.clone(), Some(50.0))]);
+        let capped = r0_of(&l, &[(streamer.clone(), Some(50.0))]);
         assert!(
             (capped - 100e6 / (1.0 - 0.9 * 1.25 / 12.5)).abs() < 1e3,
             "{capped}"
         );
         // The same rate rewriting pages that are non-zero already (no growth).
         let rewriter = Writer::linear(5e6, 1e9, 100.0);
-        assert_eq!(round_zero(&l, &[(rewriter.clone(), None)]), 100e6);
+        assert_eq!(r0_of(&l, &[(rewriter.clone(), None)]), 100e6);
         let (p_new, p_old) = (
             predict(&l, &[(streamer, None)]),
             predict(&l, &[(rewriter, None)]),
@@ -420,7 +432,7 @@ mod tests {
             curve: vec![(0.5, 2e6), (1.0, 2e6)],
             ..Writer::linear(5e6, 1e9, 100.0)
         };
-        let r0 = round_zero(&l, &[(bounded, None)]);
+        let r0 = r0_of(&l, &[(bounded, None)]);
         assert!((r0 - 100.9e6).abs() < 1e3, "{r0}");
         // A guest up for long: 950 MB of 1 GB hold data; the allocator recycles them.
         let old = Link::new(12.5e6, 950e6, Duration::from_millis(300)).with_memory(1e9);
@@ -428,7 +440,7 @@ mod tests {
             growth: 5e6,
             ..Writer::linear(5e6, 1e9, 100.0)
         };
-        let r0 = round_zero(&old, &[(streamer, None)]);
+        let r0 = r0_of(&old, &[(streamer, None)]);
         assert!(r0 < 960e6, "{r0}");
         // New pages faster than the link can ever send: round 0 grows to the memory.
         let tight = l.with_memory(110e6);
@@ -436,7 +448,7 @@ mod tests {
             growth: 50e6,
             ..Writer::linear(50e6, 1e9, 100.0)
         };
-        let r0 = round_zero(&tight, &[(fast, None)]);
+        let r0 = r0_of(&tight, &[(fast, None)]);
         assert!(r0 > 100e6 && r0 <= 110e6, "no more than memory: {r0}");
     }
 

@@ -761,38 +761,30 @@ fn doctor() -> Outcome {
         .output()
         .map_err(|e| e.to_string())?;
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).map_err(|e| e.to_string())?;
-    let st = |n: &str| {
+    let field = |n: &str, f: &str| {
         v["checks"]
             .as_array()
             .and_then(|c| c.iter().find(|c| c["name"] == n))
-            .map(|c| c["status"].as_str().unwrap_or("").to_string())
-            .unwrap_or_default()
+            .and_then(|c| c[f].as_str())
+            .unwrap_or("")
+            .to_string()
     };
     // A probe flavour is "ok" only when its fault self-test and its shmem self-test (64
     // pages of a memfd written twice: 64 counted, at most 8 more on a busy machine) both pass.
-    let got = [
-        st("soft-dirty"),
-        st("probes-btf"),
-        st("probes-tracepoint"),
-        st("cgroup-v2-cpu"),
-    ];
-    // A failure says why: the detail of each of these that is not ok (the self-tests' counts).
-    let why: Vec<String> = [
+    let names = [
         "soft-dirty",
         "probes-btf",
         "probes-tracepoint",
         "cgroup-v2-cpu",
-    ]
-    .iter()
-    .filter(|n| st(n) != "ok")
-    .filter_map(|n| {
-        v["checks"]
-            .as_array()?
-            .iter()
-            .find(|c| c["name"] == *n)
-            .map(|c| format!("{n}: {}", c["detail"].as_str().unwrap_or("")))
-    })
-    .collect();
+    ];
+    let got = names.map(|n| field(n, "status"));
+    // A failure says why: the detail of each of these that is not ok (the self-tests' counts).
+    let why: Vec<String> = names
+        .iter()
+        .zip(&got)
+        .filter(|(_, s)| *s != "ok")
+        .map(|(n, _)| format!("{n}: {}", field(n, "detail")))
+        .collect();
     check(
         got.iter().all(|s| s == "ok"),
         format!(

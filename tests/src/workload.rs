@@ -66,10 +66,16 @@ fn page() -> usize {
 }
 
 fn map_anon(pages: usize) -> *mut u8 {
+    map_anon_at(ptr::null_mut(), pages)
+}
+
+/// `map_anon` near `hint` (a hint only, no MAP_FIXED: the kernel goes elsewhere if it is taken,
+/// and nothing mapped is replaced).
+fn map_anon_at(hint: *mut libc::c_void, pages: usize) -> *mut u8 {
     // SAFETY: anonymous private mapping; callers stay within `pages * page()` bytes.
     let p = unsafe {
         libc::mmap(
-            ptr::null_mut(),
+            hint,
             pages * page(),
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
@@ -260,21 +266,10 @@ fn main() {
             // stands for a process streaming through fresh memory.
             for cycle in 0usize.. {
                 let hint = (0x2000_0000_0000usize + (cycle % (1 << 16)) * n * pg) as *mut _;
-                // SAFETY: a fresh anonymous private mapping at a hinted address (no MAP_FIXED:
-                // nothing of ours is replaced), written within its length, then unmapped.
-                unsafe {
-                    let p = libc::mmap(
-                        hint,
-                        n * pg,
-                        libc::PROT_READ | libc::PROT_WRITE,
-                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                        -1,
-                        0,
-                    );
-                    assert!(p != libc::MAP_FAILED, "mmap failed");
-                    touch(p.cast(), n, 1);
-                    libc::munmap(p, n * pg);
-                }
+                let p = map_anon_at(hint, n);
+                touch(p, n, 1);
+                // SAFETY: unmapping what we mapped.
+                unsafe { libc::munmap(p.cast(), n * pg) };
             }
         }
         "rewrite" => {
