@@ -6,10 +6,12 @@
 //! guest's);
 //! the predictor, fed with measured rates (each process's uncapped rate as measured before it
 //! was capped, and its rate under each cap it has run under), picks the highest cap per IMMP
-//! that meets the goal. A cap in force is then corrected from measurement: tightened at once
-//! when the process dirties more than its budget, loosened only after `patience` intervals in
-//! a row well under it, never more than `max_changes_per_min` times a minute, and lifted only
-//! when the process has gone quiet. Pure: no system access; `throttle` applies the decisions.
+//! that meets the goal. A cap in force is then corrected from measurement, aiming at the
+//! budget along the learned response scaled to what the process does under its cap now:
+//! tightened at once when the process dirties far more than its budget (a whole window when
+//! only a little more), loosened only after `patience` intervals in a row well under it, never
+//! more than `max_changes_per_min` times a minute (its first cap aside), and lifted only when
+//! the process has gone quiet. Pure: no system access; `throttle` applies the decisions.
 use std::{collections::BTreeMap, time::Duration};
 
 use serde::Serialize;
@@ -149,8 +151,12 @@ struct Track {
     under_cap: Vec<f64>,
     /// Intervals in a row its cap could have been looser (or lifted).
     calm: u32,
-    /// Snapshot times (ms) of its cap changes.
+    /// Snapshot times (ms) of its cap changes (setting its first cap is none: what the rate
+    /// limit stops is a cap that wanders, and a first cap counted would leave the control of
+    /// a process two corrections in its first minute, when it needs them most).
     changes: Vec<u64>,
+    /// It has been capped (a later cap, even after a lift, is a change).
+    capped_once: bool,
     /// Sequence number of the snapshot that decided its last change: the snapshots after it
     /// measure the new cap (it is applied right after the decision).
     changed_seq: Option<u64>,
@@ -174,6 +180,15 @@ pub struct Outcome {
 
 const ALPHA: f64 = 0.5;
 
+/// Intervals under a cap the control averages: one interval of a TCG guest's writer swings by
+/// +-20 % (the lab's light writer under one 26 % cap: 1.5-2.5 MB/s).
+const WINDOW: usize = 3;
+
+/// Over budget by more than this share, a cap is tightened after one interval; by less (but
+/// more than the tolerance), only once a whole `WINDOW` says so. A mild excess costs the
+/// migration little, and a change spent on noise is missing when the rate really moves.
+const URGENT: f64 = 0.25;
+
 fn smooth(old: f64, new: f64) -> f64 {
     old + ALPHA * (new - old)
 }
@@ -195,7 +210,7 @@ fn observe(snap: &Snapshot, caps: &BTreeMap<ProcId, f64>, st: &mut PolicyState) 
                 let e = t.response.entry(key).or_insert((cap, p.dirty_bytes_per_s));
                 e.1 = smooth(e.1, p.dirty_bytes_per_s);
                 t.under_cap.push(p.dirty_bytes_per_s);
-                if t.under_cap.len() > 3 {
+                if t.under_cap.len() > WINDOW {
                     t.under_cap.remove(0);
                 }
             }
@@ -490,6 +505,34 @@ struct Ctl<'a> {
     have: f64,
     budget: f64,
     why: &'a str,
+    /// The predictor's view of the process (its learned response to caps), if it has one.
+    writer: Option<&'a Writer>,
+}
+
+/// The cap within `lo..=hi` that brings a process dirtying `measured` under `have` to its
+/// budget, aiming a little inside the tolerance band. The shape of its response is the one
+/// learned (a writer whose rate falls faster than its CPU share is stepped more gently than
+/// in proportion); its level is what it does under its cap *now*: the learned points mix
+/// older intervals, and a TCG guest's writer slows under the same cap once a migration takes
+/// host CPU (the lab's light writer: 2.4 -> 1.7 MB/s under 26 %).
+fn aimed_cap(c: &Ctl, measured: f64, lo: f64, hi: f64) -> f64 {
+    let ratio = c.budget * (1.0 - c.s.tolerance / 2.0) / measured.max(1.0);
+    let speed = |cap: f64| c.writer.map_or(cap, |w| w.speed(Some(cap)));
+    let goal = speed(c.have) * ratio;
+    // A budget of nothing (or no measure of it) asks for the lowest cap allowed.
+    if goal.is_nan() || goal <= 0.0 || speed(lo) >= goal {
+        return lo;
+    }
+    if speed(hi) <= goal {
+        return hi;
+    }
+    // The response is non-decreasing in the cap: bisect for the highest cap at the aim.
+    let (mut a, mut b) = (lo, hi);
+    for _ in 0..40 {
+        let m = (a + b) / 2.0;
+        if speed(m) <= goal { a = m } else { b = m }
+    }
+    a
 }
 
 /// Corrects a cap in force from its measured rate against its budget.
@@ -511,9 +554,7 @@ fn over_budget(c: &Ctl, measured: f64, room: bool, report: String) -> (Action, S
             format!("{report}; over budget, but {n} changes this minute already"),
         );
     }
-    let next = (c.have * c.budget / measured.max(1.0))
-        .max(s.floor_pct)
-        .min(c.want.max(s.floor_pct));
+    let next = aimed_cap(c, measured, s.floor_pct, c.have).min(c.want.max(s.floor_pct));
     let cap = Action::Cap {
         cap_pct: round_cap(next),
     };
@@ -533,7 +574,17 @@ fn control(c: &Ctl, t: &mut Track) -> (Action, String) {
     );
     if settled && measured > c.budget * (1.0 + s.tolerance) {
         t.calm = 0;
-        return over_budget(c, measured, room, report);
+        let urgent = measured > c.budget * (1.0 + URGENT);
+        if urgent || t.under_cap.len() >= WINDOW {
+            return over_budget(c, measured, room, report);
+        }
+        return (
+            Action::Keep { cap_pct: c.have },
+            format!(
+                "{report}; over budget ({}/{WINDOW} intervals before tightening)",
+                t.under_cap.len()
+            ),
+        );
     }
     if !settled && c.want < c.have - 0.5 {
         // Just set and the model already asks for less (another writer grew): tighten.
@@ -561,11 +612,13 @@ fn control(c: &Ctl, t: &mut Track) -> (Action, String) {
             ),
         );
     }
-    if settled && measured < c.budget * (1.0 - s.tolerance) && c.want > c.have + 0.5 {
+    // Loosened on what it measures, not on the model's cap (`want`): the model maps caps to
+    // rates through the learned response, which lags a process that has slowed.
+    if settled && measured < c.budget * (1.0 - s.tolerance) {
         t.calm += 1;
         if t.calm >= s.patience && room {
             t.calm = 0;
-            let next = c.want.min(c.have * 1.5).min(c.have + 20.0);
+            let next = aimed_cap(c, measured, c.have, (c.have * 1.5).min(c.have + 20.0));
             return (
                 Action::Cap {
                     cap_pct: round_cap(next),
@@ -648,7 +701,10 @@ fn record(
 ) {
     match a {
         Action::Cap { cap_pct } => {
-            t.changes.push(snap.time_unix_ms);
+            if t.capped_once {
+                t.changes.push(snap.time_unix_ms);
+            }
+            t.capped_once = true;
             t.changes.retain(|&c| c + 60_000 > snap.time_unix_ms);
             t.changed_seq = Some(snap.seq);
             t.under_cap.clear();
@@ -711,6 +767,7 @@ pub fn decide(
                     have,
                     budget,
                     why: why_id,
+                    writer: pl.writer(id),
                 };
                 if want.is_some() {
                     control(&c, t)
@@ -981,6 +1038,15 @@ mod tests {
         rate: impl Fn(Option<f64>) -> f64,
         s: &AutoSettings,
     ) -> (Vec<Option<f64>>, Vec<Decision>) {
+        simulate_in_time(secs, |cap, _| rate(cap), s)
+    }
+
+    /// `simulate` with a writer whose response also changes with time (second `t`).
+    fn simulate_in_time(
+        secs: u64,
+        rate: impl Fn(Option<f64>, u64) -> f64,
+        s: &AutoSettings,
+    ) -> (Vec<Option<f64>>, Vec<Decision>) {
         let mut st = PolicyState::default();
         let mut caps: BTreeMap<ProcId, f64> = BTreeMap::new();
         let id = writer(1, 0.0, 0.0).id();
@@ -989,7 +1055,7 @@ mod tests {
             let cap = caps.get(&id).copied();
             let cpu = cap.unwrap_or(90.0).min(90.0);
             let o = decide(
-                &at(snap(vec![writer(1, rate(cap), cpu)]), t),
+                &at(snap(vec![writer(1, rate(cap, t), cpu)]), t),
                 s,
                 &caps,
                 &mut st,
@@ -1050,6 +1116,36 @@ mod tests {
             d.budget_bytes_per_s.is_some() && d.reason.contains("budget"),
             "{d:?}"
         );
+    }
+
+    /// The lab's light writer under `--auto` (full run, 6b175ad, repeat 3): capped at 26 %
+    /// on its rate before the migration, it slowed under that cap once the migration began
+    /// (2.4 -> 1.6-1.8 MB/s: the migration takes host CPU from a TCG guest), with +-10 %
+    /// noise from one interval to the next. The loop loosened to the model's cap, overshot,
+    /// tightened back, and with 3 changes in the minute spent sat 25 % under its budget for
+    /// the rest of the migration. A loop that aims at the budget from what it measures keeps
+    /// the writer near its budget and its changes for when they are needed.
+    #[test]
+    fn a_writer_that_slows_under_its_cap_is_loosened_to_its_budget_not_past_it() {
+        let s = knee_settings();
+        let rate = |cap: Option<f64>, t: u64| {
+            let slow = if t >= 8 { 0.7 } else { 1.0 };
+            let noise = [1.0, 1.2, 1.2, 0.8, 0.8, 1.0, 0.9, 1.1][t as usize % 8];
+            let c = cap.unwrap_or(90.0).min(90.0);
+            10.9 * MB * c / 90.0 * slow * noise
+        };
+        let (trace, decisions) = simulate_in_time(60, rate, &s);
+        let late: Vec<f64> = decisions[20..]
+            .iter()
+            .map(|d| d.measured_bytes_per_s / d.budget_bytes_per_s.unwrap())
+            .collect();
+        let mean = late.iter().sum::<f64>() / late.len() as f64;
+        assert!(
+            (0.85..=1.05).contains(&mean),
+            "measured / budget from 20 s on: mean {mean:.2}; caps {trace:?}"
+        );
+        let changes = trace.windows(2).filter(|w| w[0] != w[1]).count();
+        assert!(changes <= 3, "{changes} changes in a minute: {trace:?}");
     }
 
     #[test]
