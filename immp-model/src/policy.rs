@@ -68,7 +68,8 @@ pub struct AutoSettings {
     /// At most this many cap changes per process per minute (tightening and lifting included;
     /// its first cap is not a change). Loosening leaves one of them for a tightening.
     pub max_changes_per_min: u32,
-    /// A measured rate within this share of its budget is on target.
+    /// Corrections aim this share under the budget; a measured rate between the budget and
+    /// twice this share under it is on target.
     pub tolerance: f64,
 }
 
@@ -514,13 +515,16 @@ struct Ctl<'a> {
     writer: Option<&'a Writer>,
 }
 
-/// The factor from the rate measured to the one aimed at: inside the tolerance band.
+/// The factor from the rate measured to the one aimed at: `tolerance` under the budget. A
+/// loop that holds a process *at* its budget lands the migration on its goal, and the goal is
+/// a bound: the predictor's error (-5..+2 % in the lab) and the rate's noise would miss it
+/// one time in two (the heavy writer at 5 %: 16.6 s against its goal of 16.4 s).
 fn aim_ratio(c: &Ctl, measured: f64) -> f64 {
-    c.budget * (1.0 - c.s.tolerance / 2.0) / measured.max(1.0)
+    c.budget * (1.0 - c.s.tolerance) / measured.max(1.0)
 }
 
 /// The cap within `lo..=hi` that brings a process dirtying `measured` under `have` to its
-/// budget, aiming a little inside the tolerance band. The shape of its response is the one
+/// budget, aiming under it (`aim_ratio`). The shape of its response is the one
 /// learned (a writer whose rate falls faster than its CPU share is stepped more gently than
 /// in proportion); its level is what it does under its cap *now*: the learned points mix
 /// older intervals, and a TCG guest's writer slows under the same cap once a migration takes
@@ -584,7 +588,7 @@ fn control(c: &Ctl, t: &mut Track) -> (Action, String) {
         c.have,
         fmt_rate(c.budget)
     );
-    if settled && measured > c.budget * (1.0 + s.tolerance) {
+    if settled && measured > c.budget {
         t.calm = 0;
         let urgent = measured > c.budget * (1.0 + URGENT);
         if urgent || t.under_cap.len() >= WINDOW {
@@ -626,7 +630,8 @@ fn control(c: &Ctl, t: &mut Track) -> (Action, String) {
     }
     // Loosened on what it measures, not on the model's cap (`want`): the model maps caps to
     // rates through the learned response, which lags a process that has slowed.
-    if settled && measured < c.budget * (1.0 - s.tolerance) {
+    // Under the aim by as much again: the band around the aim is as wide below as above.
+    if settled && measured < c.budget * (1.0 - 2.0 * s.tolerance) {
         t.calm += 1;
         // Never above the CPU it used uncapped (such a cap holds nothing back), and only
         // with a change left after it for a tightening should the looser cap prove too loose.
@@ -1169,8 +1174,10 @@ mod tests {
             .map(|d| d.measured_bytes_per_s / d.budget_bytes_per_s.unwrap())
             .collect();
         let mean = late.iter().sum::<f64>() / late.len() as f64;
+        // In the band around the aim (the budget, less twice the tolerance), not below it as
+        // when noise had spent the changes.
         assert!(
-            (0.85..=1.05).contains(&mean),
+            (1.0 - 2.0 * s.tolerance..=1.0).contains(&mean),
             "measured / budget from 20 s on: mean {mean:.2}; caps {trace:?}"
         );
         // Not past it: no window of the control's width over budget beyond the tolerance.
@@ -1189,8 +1196,8 @@ mod tests {
             })
             .collect();
         assert!(
-            caps.len() >= 2 && caps.windows(2).all(|w| w[1] > w[0]),
-            "loosened, never back: {caps:?}"
+            caps.iter().skip(1).any(|&c| c > caps[0]),
+            "loosened: {caps:?}"
         );
         // Its first cap is not a change.
         assert!(caps.len() - 1 <= 3, "{caps:?} in a minute");
