@@ -34,9 +34,14 @@ const SERVICE_RATE: u64 = 200;
 /// Seconds of writer alone, then of policy in force, before the migration starts.
 const WARM_S: u64 = 5;
 const SETTLE_S: u64 = 5;
-/// Light writer: aim at this multiple of the idle migration time, accept this range.
-const LIGHT_AIM: f64 = 4.0;
-const LIGHT_RANGE: (f64, f64) = (3.0, 5.0);
+/// Light writer: aim at this multiple of the idle migration time, accept this range. The
+/// issue's lab had 4.26 (32.8 s against 7.7 s); a writer accepted at 3.3 x once made its goal
+/// of 0.35 x uncapped (1.16 x idle) out of reach for any writer that moves.
+const LIGHT_AIM: f64 = 4.25;
+const LIGHT_RANGE: (f64, f64) = (3.7, 5.0);
+/// The light writer's uncapped time is the reference of two goals and the noisiest figure of
+/// the lab (19.6-45.8 s for one writer in one run): a full run gives it this many more repeats.
+const REFERENCE_EXTRA: usize = 2;
 /// Heavy writer: dirty rate as a multiple of the link (the paper's IMMP: far above it).
 const HEAVY_RHO: f64 = 2.5;
 
@@ -344,7 +349,16 @@ pub fn main(o: Opts) -> anyhow::Result<()> {
         .iter()
         .filter(|c| c.policy != Policy::DirtyLimit)
         .count();
-    let mut prog = Progress::new(runnable * repeats + 2, started);
+    let light_reference = selected
+        .iter()
+        .any(|c| c.load == Load::Light && c.policy == Policy::Uncapped);
+    let extra = !o.quick && repeats >= 3 && light_reference;
+    let extra_runs = if extra {
+        REFERENCE_EXTRA.min(repeats)
+    } else {
+        0
+    };
+    let mut prog = Progress::new(runnable * repeats + extra_runs + 2, started);
     let needs = |l: Load| selected.iter().any(|c| c.load == l);
     eprintln!(
         "lab: {} configurations x {repeats} repeats ({}), guest {} MiB / 1 vCPU TCG, 100 Mbit/s",
@@ -421,7 +435,15 @@ pub fn main(o: Opts) -> anyhow::Result<()> {
     }
     let table_runs = |runs: &mut Vec<Run>, prog: &mut Progress| -> anyhow::Result<()> {
         for rep in 0..repeats {
+            let mut jobs: Vec<(&Config, usize)> = Vec::new();
             for c in selected.iter().filter(|c| c.policy != Policy::DirtyLimit) {
+                jobs.push((c, rep));
+                // Interleaved with the others, so that drift hits them alike.
+                if extra && c.load == Load::Light && c.policy == Policy::Uncapped {
+                    jobs.extend((rep < REFERENCE_EXTRA).then_some((c, repeats + rep)));
+                }
+            }
+            for (c, rep) in jobs {
                 let done = runs.iter().any(|r| r.key == c.key() && r.repeat == rep);
                 if done {
                     continue;
@@ -745,13 +767,63 @@ fn quantile(a: &Counters, b: &Counters, q: f64) -> Option<f64> {
     None
 }
 
-/// Boots a guest that runs the writer at a few WORK values in turn and fits its cost per
-/// page (a fixed part, the fault, plus a part per compute step), in host time.
+/// The probe's two compute loads, each run twice (A B A B): a guest still settling after boot,
+/// or a host job beside it, shows up as two runs of one load that disagree.
+const PROBE_WORKS: [u64; 4] = [20000, 200000, 20000, 200000];
+/// Two runs of one load that differ by more than this (of the larger) mean "probe again".
+const PROBE_AGREE: f64 = 0.12;
+
+/// Measures the guest's speed (up to 3 probe guests, until the repeated loads agree) and fits
+/// its cost per page (a fixed part, the fault, plus a part per compute step), in host time.
+/// A probe 40 % off once made the light writer a third too light for the goals it serves.
 fn probe(boot: &Boot, prog: &mut Progress) -> anyhow::Result<Calibration> {
-    const WORKS: [u64; 2] = [20000, 200000];
-    const SECS: u64 = 6;
     prog.begin("calibration: the guest's speed".into());
-    let list: Vec<String> = WORKS.iter().map(|w| w.to_string()).collect();
+    let mut rates = Vec::new();
+    for attempt in 1..=3 {
+        rates = probe_once(boot, prog)?;
+        let pair =
+            |w: u64| -> Vec<f64> { rates.iter().filter(|(x, _)| *x == w).map(|r| r.1).collect() };
+        let worst = [PROBE_WORKS[0], PROBE_WORKS[1]]
+            .iter()
+            .map(|w| {
+                let v = pair(*w);
+                let (lo, hi) = (v[0].min(v[1]), v[0].max(v[1]));
+                (1.0 - lo / hi, *w)
+            })
+            .fold((0.0, 0), |a, b| if b.0 > a.0 { b } else { a });
+        if worst.0 <= PROBE_AGREE {
+            break;
+        }
+        eprintln!(
+            "lab: calibration: probe {attempt}: two runs at WORK={} differ by {:.0} %{}",
+            worst.1,
+            worst.0 * 100.0,
+            if attempt < 3 {
+                ": probing again"
+            } else {
+                ": using the later runs"
+            }
+        );
+        if attempt == 3 {
+            rates = rates[2..].to_vec();
+        }
+    }
+    // One rate per load: the mean of its runs.
+    let mean = |w: u64| {
+        let v: Vec<f64> = rates.iter().filter(|(x, _)| *x == w).map(|r| r.1).collect();
+        v.iter().sum::<f64>() / v.len() as f64
+    };
+    let probe: Vec<(u64, f64)> = [PROBE_WORKS[0], PROBE_WORKS[1]]
+        .iter()
+        .map(|w| (*w, mean(*w)))
+        .collect();
+    fit(probe, prog)
+}
+
+/// Boots a guest that runs the writer at each of PROBE_WORKS in turn: pages per second each.
+fn probe_once(boot: &Boot, prog: &mut Progress) -> anyhow::Result<Vec<(u64, f64)>> {
+    const SECS: u64 = 6;
+    let list: Vec<String> = PROBE_WORKS.iter().map(|w| w.to_string()).collect();
     let words = format!(
         "immp.lab=probe IMMP_LAB_PROBE={RING_PAGES},{SECS},{}",
         list.join(",")
@@ -761,14 +833,14 @@ fn probe(boot: &Boot, prog: &mut Progress) -> anyhow::Result<Calibration> {
     let tail = Tail::new(g.log.clone());
     let mut g = g;
     while tail.has("IMMP-LAB-PROBE-DONE").is_none() {
-        if g.exited() || t0.elapsed() > Duration::from_secs(240) {
+        if g.exited() || t0.elapsed() > Duration::from_secs(300) {
             bail!(
                 "calibration guest stopped or timed out; log {}",
                 g.log.display()
             );
         }
         vm::check_interrupted()?;
-        prog.show("writer at two compute loads", false);
+        prog.show("writer at two compute loads, twice each", false);
         std::thread::sleep(Duration::from_millis(250));
     }
     let lines = tail.snapshot();
@@ -804,6 +876,17 @@ fn probe(boot: &Boot, prog: &mut Progress) -> anyhow::Result<Calibration> {
         }
         probe.push((*work, (b.writer - a.writer) / (b.t - a.t)));
     }
+    anyhow::ensure!(
+        probe.len() == PROBE_WORKS.len(),
+        "calibration: {} of {} probe loads reported",
+        probe.len(),
+        PROBE_WORKS.len()
+    );
+    Ok(probe)
+}
+
+/// The writer's cost per page from its rates at two loads, and the writers chosen from it.
+fn fit(probe: Vec<(u64, f64)>, prog: &mut Progress) -> anyhow::Result<Calibration> {
     let (w1, r1) = probe[0];
     let (w2, r2) = probe[1];
     let per_step = (1.0 / r2 - 1.0 / r1) / (w2 - w1) as f64;

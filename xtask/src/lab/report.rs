@@ -648,11 +648,18 @@ pub fn write(
         (false, true) => format!("{} of the {all} configurations (--only)", configs.len()),
         (false, false) => "full run".to_string(),
     };
+    // The light writer's uncapped reference may have more runs than the others.
+    let more: Vec<String> = sums
+        .iter()
+        .filter(|s| s.runs > repeats)
+        .map(|s| format!("; {}: {}", s.key, s.runs))
+        .collect();
     let mut md = format!(
-        "Migration lab, {} ({scope}, {} repeat{} per configuration, {:.0} min), {}; host load average at the end {}; immp {}.\n\n",
+        "Migration lab, {} ({scope}, {} repeat{} per configuration{}, {:.0} min), {}; host load average at the end {}; immp {}.\n\n",
         today(),
         repeats,
         if repeats == 1 { "" } else { "s" },
+        more.concat(),
         started.elapsed().as_secs_f64() / 60.0,
         machine(),
         load_avg(),
