@@ -21,6 +21,7 @@ pub fn proc_(pid: u32, dirty_pages: f64, cpu: f64) -> ProcSample {
         gone: false,
         exact: false,
         clamped: false,
+        young_s: None,
         curve: Vec::new(),
     }
 }

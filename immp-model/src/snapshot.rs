@@ -115,6 +115,11 @@ pub struct ProcSample {
     /// cannot dirty more distinct pages than exist (left-over repeats the kernel could not tell).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub clamped: bool,
+    /// Born during the interval: the seconds its counts cover (shorter than the interval).
+    /// Its rates stay per interval second, so that rate x interval is the pages it wrote; its
+    /// own pace is rate x interval / `young_s`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub young_s: Option<f64>,
     /// Distinct pages dirtied per window length (`profile --curve`), shortest window first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub curve: Vec<CurvePoint>,

@@ -696,16 +696,23 @@ impl<C: CounterSource, P: ProcSource> Sampler<C, P> {
             };
             self.names.insert(id, n);
         }
-        // CPU share over the interval; a process first seen now gets its lifetime average.
+        // CPU share over the interval; a process first seen now gets its lifetime average, and
+        // one born during the interval says so: its counts cover its age, not the interval.
+        let mut young_s = None;
         let cpu_pct = match self.cpu_prev.insert(id, st.cpu_ticks) {
             Some(before) => st.cpu_ticks.saturating_sub(before) as f64 / self.tps / dt * 100.0,
             None => {
                 let age = self.procs.uptime_ticks().saturating_sub(id.start_time) as f64 / self.tps;
+                // Under a tick's resolution (and a fifth of the interval) the age says little.
+                if age < dt * 0.9 {
+                    young_s = Some(age.max(dt * 0.2));
+                }
                 st.cpu_ticks as f64 / self.tps / age.max(0.01) * 100.0
             }
         };
         let mut p = ProcSample {
             cpu_pct,
+            young_s,
             rss_bytes: st.rss_bytes,
             cgroup: self.procs.cpu_cgroup(id.pid),
             gone: false,
@@ -749,6 +756,7 @@ impl<C: CounterSource, P: ProcSource> Sampler<C, P> {
             gone: true,
             exact: false,
             clamped: false,
+            young_s: None,
             curve: Vec::new(),
         }
     }
@@ -954,6 +962,28 @@ mod tests {
         );
         let snap = s.sample();
         assert!(snap.processes.is_empty(), "no activity, no row: {snap:?}");
+    }
+
+    #[test]
+    fn a_process_born_during_the_interval_says_how_long_its_counts_cover() {
+        let k = FakeCounters::default();
+        let p = FakeProcs::default();
+        p.procs.borrow_mut().insert(20, 1); // old
+        let mut s = sampler(k, p, vec![]);
+        std::thread::sleep(std::time::Duration::from_millis(400));
+        // Born 0.1 s ago (uptime 1_000_000 ticks at 100 per second).
+        s.procs.procs.borrow_mut().insert(21, 1_000_000 - 10);
+        s.counters.live.insert(20, counters(1, 100));
+        s.counters.live.insert(21, counters(2, 100));
+        let snap = s.sample();
+        assert!(snap.interval_s >= 0.39, "{}", snap.interval_s);
+        assert_eq!(row(&snap, ProcId::new(20, 1)).young_s, None);
+        let young = row(&snap, ProcId::new(21, 1_000_000 - 10));
+        let a = young.young_s.expect("born during the interval");
+        assert!((0.09..0.11).contains(&a), "{a}");
+        // Its rates stay per interval second: rate x interval is the pages it wrote.
+        let pages = young.rates.write_new * snap.interval_s;
+        assert!((pages - 100.0).abs() < 1e-6, "{pages}");
     }
 
     #[test]
