@@ -695,7 +695,7 @@ impl Qmp {
 
 /// The middle value; of an even count, the mean of the two middle ones (not the upper one:
 /// the fidelity matrix's QEMU windows come in whole MiB/s, where the upper one is 1 MiB/s off).
-fn median(v: &mut [f64]) -> f64 {
+pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     match v.len() {
         0 => 0.0,

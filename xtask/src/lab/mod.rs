@@ -875,30 +875,29 @@ fn probe(boot: &Boot, prog: &mut Progress) -> anyhow::Result<Calibration> {
             }
         ));
     }
-    let median = |w: u64| {
-        let mut v: Vec<f64> = all.iter().filter(|(x, _)| *x == w).map(|r| r.1).collect();
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        }
-    };
     let probe: Vec<(u64, f64)> = [PROBE_WORKS[0], PROBE_WORKS[1]]
         .iter()
-        .map(|w| (*w, median(*w)))
+        .map(|w| (*w, vm::median(&mut runs_at(&all, *w))))
         .collect();
     let mut cal = fit(probe, prog)?;
     cal.probe_runs = all;
     Ok(cal)
 }
 
+/// The rates of the probe runs at one load.
+fn runs_at(rates: &[(u64, f64)], work: u64) -> Vec<f64> {
+    rates
+        .iter()
+        .filter(|(w, _)| *w == work)
+        .map(|r| r.1)
+        .collect()
+}
+
 /// The largest disagreement between two runs of one load, (1 - slower / faster, WORK).
 fn spread_of_loads(rates: &[(u64, f64)]) -> (f64, u64) {
     let mut worst = (0.0, 0);
     for w in [PROBE_WORKS[0], PROBE_WORKS[1]] {
-        let v: Vec<f64> = rates.iter().filter(|(x, _)| *x == w).map(|r| r.1).collect();
+        let v = runs_at(rates, w);
         let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
         let hi = v.iter().copied().fold(0.0, f64::max);
         if hi > 0.0 && 1.0 - lo / hi > worst.0 {
