@@ -31,7 +31,9 @@ const RING_PAGES: u64 = 49152;
 const PAGE: f64 = 4096.0;
 /// The service's request rate (requests per second).
 const SERVICE_RATE: u64 = 200;
-/// Seconds of writer alone, then of policy in force, before the migration starts.
+/// Seconds of writer before the migration starts, under its policy from its start (immp runs
+/// before it appears; a fixed policy is applied as it starts); the last SETTLE_S measure its
+/// rate before the migration.
 const WARM_S: u64 = 5;
 const SETTLE_S: u64 = 5;
 /// Light writer: aim at this multiple of the idle migration time, accept this range. The
