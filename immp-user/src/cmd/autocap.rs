@@ -17,8 +17,23 @@ use crate::{
         target::validate_target,
         throttle::{CapOutcome, Throttler},
     },
-    collect::procfs,
+    collect::{procfs, sampler::Sampler},
 };
+
+/// A program's start-up (loader, libc, stack) dirties a few hundred KiB: a newcomer must have
+/// dirtied more than this before it is looked at between intervals.
+const NEWCOMER_MIN_BYTES: f64 = 1024.0 * 1024.0;
+
+/// Whether a process the probes began counting since the last interval already dirties at an
+/// IMMP's pace (`Ticks::sooner` of the commands with a policy): it is then decided on now, not
+/// up to an interval later. A writer at the link's speed dirties in one interval a second of
+/// link the migration must send (the lab's light writer: ~5 MB before its first cap).
+pub fn newcomer_due(sampler: &Sampler, s: &AutoSettings) -> bool {
+    let share = s.immp_share * s.link.bandwidth;
+    // On a fast link an IMMP's start-up alone is not a peek's worth of its pace.
+    let min_bytes = NEWCOMER_MIN_BYTES.max(share * super::run::PEEK.as_secs_f64());
+    sampler.newcomer_rate(min_bytes) >= share
+}
 
 /// What a command lends the policy loop.
 pub trait Host {

@@ -106,7 +106,7 @@ pub fn run(a: ProfileArgs) -> anyhow::Result<i32> {
     let mut sweep: Vec<Snapshot> = Vec::new();
     let windows = a.curve.clone();
     let first = windows.as_ref().map_or(a.interval, |w| w[0]);
-    run_loop(first, a.duration, || {
+    run_loop(first, a.duration, &mut || {
         let snap = sampler.sample();
         // With a curve, one output per sweep: sample at the end of each window (each sample
         // re-arms, so each window is measured on its own) and attach the curve to the last.

@@ -88,33 +88,81 @@ pub enum Next {
     Stop,
 }
 
+/// What the loop calls: `tick` every interval, and between ticks (every `PEEK`) `sooner`,
+/// which may ask for the next tick now.
+pub trait Ticks {
+    fn tick(&mut self) -> anyhow::Result<Next>;
+    fn sooner(&mut self) -> bool {
+        false
+    }
+}
+
+impl<F: FnMut() -> anyhow::Result<Next>> Ticks for F {
+    fn tick(&mut self) -> anyhow::Result<Next> {
+        self()
+    }
+}
+
+/// How often the loop asks `Ticks::sooner` between ticks.
+pub const PEEK: Duration = Duration::from_millis(250);
+
 /// Calls `tick` after `first`, then as it asks, until it stops, a stop signal arrives or the
 /// `duration` (a deadline from now, not a number of intervals) passes. At the deadline `tick`
 /// runs once more (a shorter last interval), so a duration shorter than an interval still
-/// measures.
+/// measures. A tick `sooner` asks for comes at once (at most two in a row); the next is then
+/// an interval after it.
 pub fn run_loop(
     first: Duration,
     duration: Option<Duration>,
-    mut tick: impl FnMut() -> anyhow::Result<Next>,
+    t: &mut impl Ticks,
 ) -> anyhow::Result<()> {
     let start = Instant::now();
     let deadline = duration.map(|d| start + d);
     let mut next = start + first;
+    // Early ticks in a row: a churn of new processes (an interpreter's start-up dirties
+    // megabytes) may cost at most two extra samples per interval, and still leaves one for a
+    // writer right behind it.
+    let mut early_run = 0;
     loop {
         let at_deadline = deadline.is_some_and(|d| d <= next);
-        let wake = deadline.map_or(next, |d| d.min(next));
-        if !sleep_until(wake) {
+        let due = deadline.map_or(next, |d| d.min(next));
+        let Some(early) = wait_for(due, t, early_run < 2) else {
             return Ok(());
-        }
-        let wait = match tick()? {
+        };
+        early_run = if early { early_run + 1 } else { 0 };
+        let wait = match t.tick()? {
             Next::After(w) => w,
             Next::Stop => return Ok(()),
         };
-        if at_deadline {
+        if at_deadline && !early {
             return Ok(());
         }
-        next += wait;
-        next = next.max(Instant::now());
+        next = if early {
+            Instant::now() + wait
+        } else {
+            (next + wait).max(Instant::now())
+        };
+    }
+}
+
+/// Sleeps until `due`, asking `sooner` every `PEEK` if `peek`: whether it asked for a tick
+/// before `due`; None on a stop signal.
+fn wait_for(due: Instant, t: &mut impl Ticks, peek: bool) -> Option<bool> {
+    loop {
+        let wake = if peek {
+            due.min(Instant::now() + PEEK)
+        } else {
+            due
+        };
+        if !sleep_until(wake) {
+            return None;
+        }
+        if wake >= due {
+            return Some(false);
+        }
+        if t.sooner() {
+            return Some(true);
+        }
     }
 }
 
@@ -146,7 +194,7 @@ mod tests {
         run_loop(
             Duration::from_secs(10),
             Some(Duration::from_millis(200)),
-            || {
+            &mut || {
                 n += 1;
                 Ok(Next::After(Duration::from_secs(10)))
             },
@@ -164,7 +212,7 @@ mod tests {
         run_loop(
             Duration::from_millis(150),
             Some(Duration::from_millis(400)),
-            || {
+            &mut || {
                 n += 1;
                 Ok(Next::After(Duration::from_millis(150)))
             },
@@ -172,5 +220,51 @@ mod tests {
         .unwrap();
         assert_eq!(n, 3, "150, 300, then the deadline at 400");
         assert!(t.elapsed() < Duration::from_millis(700));
+    }
+
+    /// Ticks every 10 s; `sooner` asks for one once, 0.5 s in.
+    struct Soon {
+        start: Instant,
+        ticks: Vec<Duration>,
+        asked: bool,
+    }
+
+    impl Ticks for Soon {
+        fn tick(&mut self) -> anyhow::Result<Next> {
+            self.ticks.push(self.start.elapsed());
+            Ok(Next::After(Duration::from_secs(10)))
+        }
+        fn sooner(&mut self) -> bool {
+            let now = !self.asked && self.start.elapsed() >= Duration::from_millis(500);
+            self.asked |= now;
+            now
+        }
+    }
+
+    #[test]
+    fn a_tick_asked_for_between_intervals_comes_within_a_peek_and_does_not_end_the_run() {
+        let mut s = Soon {
+            start: Instant::now(),
+            ticks: Vec::new(),
+            asked: false,
+        };
+        run_loop(
+            Duration::from_secs(10),
+            Some(Duration::from_secs(2)),
+            &mut s,
+        )
+        .unwrap();
+        assert_eq!(
+            s.ticks.len(),
+            2,
+            "the early one, then the deadline's: {:?}",
+            s.ticks
+        );
+        let early = s.ticks[0];
+        assert!(
+            early >= Duration::from_millis(500) && early < Duration::from_millis(500) + PEEK * 2,
+            "{early:?}"
+        );
+        assert!(s.ticks[1] >= Duration::from_secs(2), "{:?}", s.ticks);
     }
 }

@@ -27,9 +27,9 @@ use immp_model::{
 
 use super::{
     args::{self, EventFormat, JournalArgs, LinkArgs, MechanismArg, ModeArg, ProbeArgs},
-    autocap::{AutoCap, Host, release_stale},
+    autocap::{AutoCap, Host, newcomer_due, release_stale},
     restore::undo_event,
-    run::{Next, run_loop, stop_requested},
+    run::{Next, Ticks, run_loop, stop_requested},
 };
 use crate::{
     act::throttle::Throttler,
@@ -158,7 +158,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<i32> {
     let res = if stop_requested().is_some() {
         Ok(()) // a stop signal during start-up: straight to the end
     } else {
-        run_loop(a.interval, a.duration, || agent.tick())
+        run_loop(a.interval, a.duration, &mut agent)
     };
     sd_notify("STOPPING=1");
     let failed = agent.finish();
@@ -192,6 +192,19 @@ struct Agent<'a> {
     out: Box<dyn View + 'a>,
     metrics: MetricsView,
     published: Arc<Published>,
+}
+
+impl Ticks for Agent<'_> {
+    fn tick(&mut self) -> anyhow::Result<Next> {
+        self.interval()
+    }
+
+    fn sooner(&mut self) -> bool {
+        match (&self.thr, &self.settings) {
+            (Some(_), Some(s)) => newcomer_due(&self.sampler, s),
+            _ => false,
+        }
+    }
 }
 
 impl<'a> Agent<'a> {
@@ -251,7 +264,7 @@ impl<'a> Agent<'a> {
         self.published.set_initial(text);
     }
 
-    fn tick(&mut self) -> anyhow::Result<Next> {
+    fn interval(&mut self) -> anyhow::Result<Next> {
         super::run::test_panic_hook();
         if self.published.http_failed.load(Ordering::SeqCst) {
             anyhow::bail!("the HTTP server stopped (see above)");

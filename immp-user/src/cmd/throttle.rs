@@ -10,9 +10,9 @@ use immp_model::{
 
 use super::{
     args::{self, EventFormat, JournalArgs, LinkArgs, MechanismArg, ProbeArgs},
-    autocap::{AutoCap, Host},
+    autocap::{AutoCap, Host, newcomer_due},
     restore::undo_event,
-    run::{Next, run_loop, stop_requested},
+    run::{Next, Ticks, run_loop, stop_requested},
 };
 use crate::{
     act::{
@@ -141,7 +141,7 @@ pub fn run(a: ThrottleArgs) -> anyhow::Result<i32> {
     let res = if stop_requested().is_some() {
         Ok(()) // a stop signal during start-up: straight to lifting
     } else {
-        run_loop(a.interval, a.duration, || run.tick())
+        run_loop(a.interval, a.duration, &mut run)
     };
     let failed = run.finish();
     res?;
@@ -167,6 +167,19 @@ fn open_sampler(
             let message = format!("no dirty rates ({e:#}); capping anyway");
             let _ = out.render(&Event::Warning(Warning { message }));
             Ok(None)
+        }
+    }
+}
+
+impl Ticks for Run<'_> {
+    fn tick(&mut self) -> anyhow::Result<Next> {
+        self.interval()
+    }
+
+    fn sooner(&mut self) -> bool {
+        match (self.a.auto, &self.settings, &self.sampler) {
+            (true, Some(s), Some(sampler)) => newcomer_due(sampler, s),
+            _ => false,
         }
     }
 }
@@ -245,7 +258,7 @@ impl Run<'_> {
         }
     }
 
-    fn tick(&mut self) -> anyhow::Result<Next> {
+    fn interval(&mut self) -> anyhow::Result<Next> {
         super::run::test_panic_hook();
         let snap = self.sampler.as_mut().map(Sampler::sample);
         if let (true, Some(snap)) = (self.a.auto, &snap) {

@@ -566,6 +566,36 @@ impl<C: CounterSource, P: ProcSource> Sampler<C, P> {
         }
     }
 
+    /// The fastest dirtying, bytes per second over its life so far, among the processes the
+    /// kernel side began counting since the last sample and that have dirtied at least
+    /// `min_bytes` (0 when none has). One read of the kernel's statistics when no entry was
+    /// created; the table only then. Lets a loop look again before its interval is out when a
+    /// writer appears: at the link's speed it dirties an interval's worth of pages the
+    /// migration must send before its first cap.
+    pub fn newcomer_rate(&self, min_bytes: f64) -> f64 {
+        // A rate over less than this is start-up, not pace.
+        const MIN_AGE_NS: u64 = 100_000_000;
+        if self.counters.kernel_stats().entries_created == self.last_stats.entries_created {
+            return 0.0;
+        }
+        let now = self.counters.now_ns();
+        let is_new = |pid: &u32, c: &Counters| {
+            self.prev
+                .get(pid)
+                .is_none_or(|p| p.counters.first_ns != c.first_ns)
+        };
+        let bytes = |c: &Counters| c.dirty_pages() as f64 * self.page_size as f64;
+        self.counters
+            .read_counters()
+            .iter()
+            .filter(|(pid, c)| is_new(pid, c) && bytes(c) >= min_bytes)
+            .map(|(_, c)| {
+                let age_ns = now.saturating_sub(c.first_ns).max(MIN_AGE_NS);
+                bytes(c) / (age_ns as f64 / 1e9)
+            })
+            .fold(0.0, f64::max)
+    }
+
     /// Starts reporting `id` every interval (e.g. once it is capped).
     pub fn watch(&mut self, id: ProcId) {
         if !self.watch.contains(&id) {
@@ -813,6 +843,8 @@ mod tests {
     struct FakeCounters {
         live: BTreeMap<u32, Counters>,
         exits: Vec<ExitEvent>,
+        created: u64,
+        now_ns: u64,
     }
 
     impl CounterSource for FakeCounters {
@@ -826,7 +858,13 @@ mod tests {
             std::mem::take(&mut self.exits)
         }
         fn kernel_stats(&self) -> KernelStats {
-            KernelStats::default()
+            KernelStats {
+                entries_created: self.created,
+                ..KernelStats::default()
+            }
+        }
+        fn now_ns(&self) -> u64 {
+            self.now_ns
         }
         fn flavour(&self) -> Flavour {
             Flavour::Btf
@@ -984,6 +1022,39 @@ mod tests {
         // Its rates stay per interval second: rate x interval is the pages it wrote.
         let pages = young.rates.write_new * snap.interval_s;
         assert!((pages - 100.0).abs() < 1e-6, "{pages}");
+    }
+
+    #[test]
+    fn a_new_writer_is_seen_before_the_next_sample_and_only_a_new_one() {
+        const S: u64 = 1_000_000_000;
+        let k = FakeCounters {
+            live: BTreeMap::from([(10, counters(1, 500))]),
+            created: 1,
+            now_ns: 10 * S,
+            ..Default::default()
+        };
+        let mut s = sampler(k, FakeProcs::default(), vec![]);
+        // An old process writing fast is the sample's business, not a newcomer.
+        s.counters.live.insert(10, counters(1, 100_000));
+        assert_eq!(
+            s.newcomer_rate(1048576.0),
+            0.0,
+            "no entry created: no table read"
+        );
+        s.counters.created = 3;
+        // Born 0.5 s ago with 1000 pages (8 MB/s); another with 100 pages (start-up only).
+        s.counters.live.insert(20, counters(10 * S - S / 2, 1000));
+        s.counters.live.insert(21, counters(10 * S - S / 100, 100));
+        let r = s.newcomer_rate(1048576.0);
+        assert!((r - 1000.0 * 4096.0 / 0.5).abs() < 1.0, "{r}");
+        // 300 pages 10 ms after its first fault: over at least 0.1 s, not 10 ms.
+        s.counters.live.insert(21, counters(10 * S - S / 100, 300));
+        let r = s.newcomer_rate(1048576.0);
+        assert!((r - 300.0 * 4096.0 / 0.1).abs() < 1.0, "{r}");
+        // Once sampled, they are no longer new.
+        s.sample();
+        s.counters.created = 4;
+        assert_eq!(s.newcomer_rate(1048576.0), 0.0);
     }
 
     #[test]

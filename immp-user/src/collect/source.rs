@@ -32,6 +32,21 @@ pub trait CounterSource {
     fn fallback_reason(&self) -> Option<String> {
         None
     }
+    /// Now on the clock of `Counters::first_ns` (CLOCK_BOOTTIME, nanoseconds).
+    fn now_ns(&self) -> u64 {
+        boot_ns()
+    }
+}
+
+/// CLOCK_BOOTTIME in nanoseconds: the kernel side's `bpf_ktime_get_boot_ns`.
+pub fn boot_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own; CLOCK_BOOTTIME always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// The process table, and the one write exact mode makes (clearing soft-dirty bits).
