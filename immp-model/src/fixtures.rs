@@ -50,5 +50,6 @@ pub fn snap(processes: Vec<ProcSample>) -> Snapshot {
         },
         processes,
         agent_pid: None,
+        early: false,
     }
 }

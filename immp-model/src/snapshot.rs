@@ -230,6 +230,10 @@ pub struct Snapshot {
     /// IMMP, never capped by the policy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent_pid: Option<u32>,
+    /// Taken between two intervals because a new process already dirtied at an IMMP's pace
+    /// (`interval_s` is then short): the policy decides on new processes only.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub early: bool,
 }
 
 impl Snapshot {

@@ -202,7 +202,7 @@ pub struct PolicyArgs {
     #[arg(long, default_value = "15%", value_parser = cap)]
     pub floor: f64,
     /// Migration time the automatic policy aims at (e.g. 60s); default: the knee of the
-    /// time/throughput frontier, 1.2 x the time with every IMMP at the floor, at most 2 x the
+    /// time/throughput frontier, 1.1 x the time with every IMMP at the floor, at most 2 x the
     /// idle guest's migration time (its non-zero memory / bandwidth; the bound is shown at
     /// start, each decision says the goal it used)
     #[arg(long, value_parser = positive_duration)]

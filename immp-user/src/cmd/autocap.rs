@@ -20,19 +20,24 @@ use crate::{
     collect::{procfs, sampler::Sampler},
 };
 
-/// A program's start-up (loader, libc, stack) dirties a few hundred KiB: a newcomer must have
-/// dirtied more than this before it is looked at between intervals.
+/// A newcomer must have dirtied this much before it is looked at between intervals: a small
+/// program's start-up (loader, libc, stack) dirties a few hundred KiB. An interpreter's can
+/// dirty megabytes; looked at early, the policy then judges it on its pace so far, as it
+/// would at the next interval.
 const NEWCOMER_MIN_BYTES: f64 = 1024.0 * 1024.0;
 
 /// Whether a process the probes began counting since the last interval already dirties at an
-/// IMMP's pace (`Ticks::sooner` of the commands with a policy): it is then decided on now, not
-/// up to an interval later. A writer at the link's speed dirties in one interval a second of
-/// link the migration must send (the lab's light writer: ~5 MB before its first cap).
-pub fn newcomer_due(sampler: &Sampler, s: &AutoSettings) -> bool {
+/// IMMP's pace (`Ticks::sooner` of the commands with a policy): its interval, and its first
+/// decision, then come at once rather than up to an interval later. A writer at the link's
+/// speed dirties in one interval a second of link the migration must send (the lab's light
+/// writer: 500-1,500 pages before its first cap).
+pub fn newcomer_due(sampler: &mut Sampler, s: &AutoSettings) -> bool {
     let share = s.immp_share * s.link.bandwidth;
     // On a fast link an IMMP's start-up alone is not a peek's worth of its pace.
     let min_bytes = NEWCOMER_MIN_BYTES.max(share * super::run::PEEK.as_secs_f64());
-    sampler.newcomer_rate(min_bytes) >= share
+    // As the policy plans rates: with the headroom (`blamed`).
+    let margin = 1.0 / (1.0 - s.headroom.clamp(0.0, 0.9));
+    sampler.newcomer_rate(min_bytes) * margin >= share
 }
 
 /// What a command lends the policy loop.

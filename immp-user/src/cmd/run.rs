@@ -146,11 +146,13 @@ pub fn run_loop(
 }
 
 /// Sleeps until `due`, asking `sooner` every `PEEK` if `peek`: whether it asked for a tick
-/// before `due`; None on a stop signal.
+/// before `due`; None on a stop signal. Not within a peek of `due`: an early tick right
+/// before a deadline would leave the last one a sliver.
 fn wait_for(due: Instant, t: &mut impl Ticks, peek: bool) -> Option<bool> {
     loop {
-        let wake = if peek {
-            due.min(Instant::now() + PEEK)
+        let peek_at = Instant::now() + PEEK;
+        let wake = if peek && peek_at + PEEK <= due {
+            peek_at
         } else {
             due
         };
@@ -239,6 +241,38 @@ mod tests {
             self.asked |= now;
             now
         }
+    }
+
+    /// Asks for a tick at every peek (a churn of newcomers).
+    struct Churn(Instant, Vec<Duration>);
+
+    impl Ticks for Churn {
+        fn tick(&mut self) -> anyhow::Result<Next> {
+            self.1.push(self.0.elapsed());
+            Ok(Next::After(Duration::from_secs(1)))
+        }
+        fn sooner(&mut self) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn a_churn_of_newcomers_costs_at_most_two_early_ticks_in_a_row() {
+        let mut c = Churn(Instant::now(), Vec::new());
+        run_loop(
+            Duration::from_secs(1),
+            Some(Duration::from_millis(2100)),
+            &mut c,
+        )
+        .unwrap();
+        let t = &c.1;
+        // Early at ~0.25 and ~0.5 s, then a whole interval (~1.5 s), then early again.
+        assert!(t.len() >= 4, "{t:?}");
+        assert!(t[1] < Duration::from_millis(900), "{t:?}");
+        assert!(
+            t[2] - t[1] >= Duration::from_millis(950),
+            "the third waits: {t:?}"
+        );
     }
 
     #[test]

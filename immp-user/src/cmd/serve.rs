@@ -192,6 +192,8 @@ struct Agent<'a> {
     out: Box<dyn View + 'a>,
     metrics: MetricsView,
     published: Arc<Published>,
+    /// The coming tick was asked for early (`Ticks::sooner`).
+    early: bool,
 }
 
 impl Ticks for Agent<'_> {
@@ -200,10 +202,11 @@ impl Ticks for Agent<'_> {
     }
 
     fn sooner(&mut self) -> bool {
-        match (&self.thr, &self.settings) {
-            (Some(_), Some(s)) => newcomer_due(&self.sampler, s),
+        self.early = match (&self.thr, &self.settings) {
+            (Some(_), Some(s)) => newcomer_due(&mut self.sampler, s),
             _ => false,
-        }
+        };
+        self.early
     }
 }
 
@@ -232,6 +235,7 @@ impl<'a> Agent<'a> {
             out,
             metrics,
             published,
+            early: false,
         }
     }
 
@@ -269,7 +273,10 @@ impl<'a> Agent<'a> {
         if self.published.http_failed.load(Ordering::SeqCst) {
             anyhow::bail!("the HTTP server stopped (see above)");
         }
-        let snap = self.sampler.sample();
+        let snap = Snapshot {
+            early: std::mem::take(&mut self.early),
+            ..self.sampler.sample()
+        };
         let failed = self.auto_step(&snap);
         if let Some(thr) = &self.thr {
             self.metrics.set_caps(&thr.active());

@@ -78,6 +78,8 @@ struct Run<'a> {
     cpu: CpuMeter,
     /// Processes already reported as held by their own cgroup's limit (manual caps).
     held: BTreeSet<ProcId>,
+    /// The coming tick was asked for early (`Ticks::sooner`).
+    early: bool,
 }
 
 /// What `throttle --auto` lends the policy loop: its output and its sampler.
@@ -136,6 +138,7 @@ pub fn run(a: ThrottleArgs) -> anyhow::Result<i32> {
         auto: AutoCap::default(),
         cpu: CpuMeter::default(),
         held: BTreeSet::new(),
+        early: false,
     };
     run.start(&targets)?;
     let res = if stop_requested().is_some() {
@@ -177,10 +180,11 @@ impl Ticks for Run<'_> {
     }
 
     fn sooner(&mut self) -> bool {
-        match (self.a.auto, &self.settings, &self.sampler) {
+        self.early = match (self.a.auto, &self.settings, &mut self.sampler) {
             (true, Some(s), Some(sampler)) => newcomer_due(sampler, s),
             _ => false,
-        }
+        };
+        self.early
     }
 }
 
@@ -260,7 +264,11 @@ impl Run<'_> {
 
     fn interval(&mut self) -> anyhow::Result<Next> {
         super::run::test_panic_hook();
-        let snap = self.sampler.as_mut().map(Sampler::sample);
+        let early = std::mem::take(&mut self.early);
+        let snap = self.sampler.as_mut().map(|s| Snapshot {
+            early,
+            ..s.sample()
+        });
         if let (true, Some(snap)) = (self.a.auto, &snap) {
             self.auto_step(snap)?;
         }

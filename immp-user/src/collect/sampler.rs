@@ -21,6 +21,12 @@ use super::{
 /// processes must not flood the output.
 const SHORT_LIVED_ROW_PAGES: u64 = 64;
 
+#[derive(Default)]
+struct Newcomers {
+    created: u64,
+    small: Vec<u32>,
+}
+
 struct Prev {
     counters: Counters,
     /// Identity seen in /proc for this incarnation (filled once we looked).
@@ -100,6 +106,9 @@ pub struct Sampler<C: CounterSource = Probes, P: ProcSource = LiveProcs> {
     watch: Vec<ProcId>,
     last: Instant,
     last_stats: KernelStats,
+    /// Between samples (`newcomer_rate`): the kernel's count of table entries created when
+    /// the table was last read, and the new processes then still too small to matter.
+    newcomers: Newcomers,
     /// Kernel page allocations at the last sample.
     last_allocs: Option<u64>,
     seq: u64,
@@ -221,6 +230,7 @@ impl<C: CounterSource, P: ProcSource> Sampler<C, P> {
             watch,
             last: Instant::now(),
             last_stats: KernelStats::default(),
+            newcomers: Newcomers::default(),
             last_allocs: None,
             seq: 0,
         };
@@ -232,6 +242,10 @@ impl<C: CounterSource, P: ProcSource> Sampler<C, P> {
     /// Activity before start does not count in the first interval; in exact mode the first
     /// window arms every process the kernel side has seen, busiest first.
     fn baseline(&mut self) {
+        self.newcomers = Newcomers {
+            created: self.counters.kernel_stats().entries_created,
+            small: Vec::new(),
+        };
         for (pid, c) in self.counters.read_counters() {
             self.prev.insert(
                 pid,
@@ -352,6 +366,11 @@ impl<C: CounterSource, P: ProcSource> Sampler<C, P> {
         self.last = now;
         self.seq += 1;
         let mut reads = Reads::default();
+        // Before the table is read: an entry created meanwhile is then new to the next peek.
+        self.newcomers = Newcomers {
+            created: self.counters.kernel_stats().entries_created,
+            small: Vec::new(),
+        };
         self.read_exits(&mut reads, dt);
         self.close_windows(&mut reads);
         let tracked = self.read_live(&mut reads);
@@ -403,6 +422,7 @@ impl<C: CounterSource, P: ProcSource> Sampler<C, P> {
             totals,
             processes,
             agent_pid: Some(std::process::id()),
+            early: false,
         }
     }
 
@@ -566,34 +586,46 @@ impl<C: CounterSource, P: ProcSource> Sampler<C, P> {
         }
     }
 
-    /// The fastest dirtying, bytes per second over its life so far, among the processes the
-    /// kernel side began counting since the last sample and that have dirtied at least
-    /// `min_bytes` (0 when none has). One read of the kernel's statistics when no entry was
-    /// created; the table only then. Lets a loop look again before its interval is out when a
-    /// writer appears: at the link's speed it dirties an interval's worth of pages the
-    /// migration must send before its first cap.
-    pub fn newcomer_rate(&self, min_bytes: f64) -> f64 {
-        // A rate over less than this is start-up, not pace.
+    /// The fastest dirtying, bytes per second over its life so far (at least 0.1 s of it:
+    /// a start-up's burst is not a pace), among the processes the kernel side began counting
+    /// since the last sample that have dirtied at least `min_bytes` (0 when none has). Reads
+    /// the kernel's count of created entries, the whole table only when that moved since the
+    /// last read, else only the new processes still under `min_bytes`. Lets a loop look again
+    /// before its interval is out when a writer appears.
+    pub fn newcomer_rate(&mut self, min_bytes: f64) -> f64 {
         const MIN_AGE_NS: u64 = 100_000_000;
-        if self.counters.kernel_stats().entries_created == self.last_stats.entries_created {
-            return 0.0;
-        }
-        let now = self.counters.now_ns();
-        let is_new = |pid: &u32, c: &Counters| {
-            self.prev
-                .get(pid)
-                .is_none_or(|p| p.counters.first_ns != c.first_ns)
+        let created = self.counters.kernel_stats().entries_created;
+        let entries: Vec<(u32, Counters)> = if created != self.newcomers.created {
+            self.newcomers.created = created;
+            self.counters.read_counters()
+        } else {
+            let small = &self.newcomers.small;
+            small
+                .iter()
+                .filter_map(|&pid| Some((pid, self.counters.counters_of(pid)?)))
+                .collect()
         };
-        let bytes = |c: &Counters| c.dirty_pages() as f64 * self.page_size as f64;
-        self.counters
-            .read_counters()
-            .iter()
-            .filter(|(pid, c)| is_new(pid, c) && bytes(c) >= min_bytes)
-            .map(|(_, c)| {
+        let now = self.counters.now_ns();
+        let page = self.page_size as f64;
+        let mut small = Vec::new();
+        let mut best: f64 = 0.0;
+        for (pid, c) in entries {
+            let new = self
+                .prev
+                .get(&pid)
+                .is_none_or(|p| p.counters.first_ns != c.first_ns);
+            let bytes = c.dirty_pages() as f64 * page;
+            if !new {
+                continue;
+            } else if bytes < min_bytes {
+                small.push(pid);
+            } else {
                 let age_ns = now.saturating_sub(c.first_ns).max(MIN_AGE_NS);
-                bytes(c) / (age_ns as f64 / 1e9)
-            })
-            .fold(0.0, f64::max)
+                best = best.max(bytes / (age_ns as f64 / 1e9));
+            }
+        }
+        self.newcomers.small = small;
+        best
     }
 
     /// Starts reporting `id` every interval (e.g. once it is capped).
@@ -1034,27 +1066,28 @@ mod tests {
             ..Default::default()
         };
         let mut s = sampler(k, FakeProcs::default(), vec![]);
+        const MIB: f64 = 1048576.0;
         // An old process writing fast is the sample's business, not a newcomer.
         s.counters.live.insert(10, counters(1, 100_000));
-        assert_eq!(
-            s.newcomer_rate(1048576.0),
-            0.0,
-            "no entry created: no table read"
-        );
+        assert_eq!(s.newcomer_rate(MIB), 0.0);
+        // A newcomer whose entry the kernel's count does not show yet is not looked for: the
+        // table is read only when that count moves.
+        s.counters.live.insert(20, counters(10 * S - S / 2, 1000));
+        assert_eq!(s.newcomer_rate(MIB), 0.0, "no entry created: no table read");
         s.counters.created = 3;
         // Born 0.5 s ago with 1000 pages (8 MB/s); another with 100 pages (start-up only).
-        s.counters.live.insert(20, counters(10 * S - S / 2, 1000));
         s.counters.live.insert(21, counters(10 * S - S / 100, 100));
-        let r = s.newcomer_rate(1048576.0);
+        let r = s.newcomer_rate(MIB);
         assert!((r - 1000.0 * 4096.0 / 0.5).abs() < 1.0, "{r}");
-        // 300 pages 10 ms after its first fault: over at least 0.1 s, not 10 ms.
+        // The small one is followed without a table read (the count has not moved): 300
+        // pages 10 ms after its first fault, over at least 0.1 s, not 10 ms.
         s.counters.live.insert(21, counters(10 * S - S / 100, 300));
-        let r = s.newcomer_rate(1048576.0);
+        let r = s.newcomer_rate(MIB);
         assert!((r - 300.0 * 4096.0 / 0.1).abs() < 1.0, "{r}");
         // Once sampled, they are no longer new.
         s.sample();
         s.counters.created = 4;
-        assert_eq!(s.newcomer_rate(1048576.0), 0.0);
+        assert_eq!(s.newcomer_rate(MIB), 0.0);
     }
 
     #[test]

@@ -336,26 +336,32 @@ pub fn goals(sums: &[Summary], runs: &[Run]) -> Vec<Goal> {
             "not measured".into(),
         ),
     }
-    // Within the goal immp itself set (its default target, from its own round-0 estimate,
-    // printed at its first decision): converging at all is not enough.
-    let mut targets: Vec<f64> = runs
-        .iter()
-        .filter(|r| r.key == "heavy/auto-floor5")
-        .filter_map(|r| r.predicted.as_ref().map(|p| p.target_s))
-        .filter(|t| *t > 0.0)
-        .collect();
-    targets.sort_by(f64::total_cmp);
-    let target = targets.get(targets.len() / 2).copied();
+    // The default target as the issue defines it and immp's --target defaults to: 2 x the
+    // idle migration, from immp's own round-0 estimate (its `start` event); converging at all
+    // is not enough. The goal immp aims at below it by default (the knee) is reported beside.
+    let median_of = |f: &dyn Fn(&Run) -> Option<f64>| {
+        let mut v: Vec<f64> = runs
+            .iter()
+            .filter(|r| r.key == "heavy/auto-floor5")
+            .filter_map(f)
+            .filter(|t| *t > 0.0)
+            .collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied()
+    };
+    let target = median_of(&|r| r.immp_start.as_ref()?["target_s"].as_f64());
+    let aimed = median_of(&|r| r.predicted.as_ref().map(|p| p.target_s));
     let name = "heavy: converges within the default target with --floor 5%";
     match (get("heavy/auto-floor5"), target) {
         (Some(s), Some(t)) => push(
             name,
             Some(s.converged == s.runs && s.time_median_s.is_some_and(|m| m <= t)),
             format!(
-                "{}/{} converged, median {} s against immp's default target {t:.1} s",
+                "{}/{} converged, median {} s against immp's default target {t:.1} s (2 x idle); the goal it aimed at below that (the knee): {}",
                 s.converged,
                 s.runs,
-                secs(s.time_median_s, s.limit_s)
+                secs(s.time_median_s, s.limit_s),
+                aimed.map_or("-".into(), |a| format!("{a:.1} s"))
             ),
         ),
         _ => push(name, None, "not measured".into()),
