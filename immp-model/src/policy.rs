@@ -92,6 +92,11 @@ impl AutoSettings {
             tolerance: 0.1,
         }
     }
+
+    /// Measured rates are planned as rate x this: 1 / (1 - headroom).
+    pub fn margin(&self) -> f64 {
+        1.0 / (1.0 - self.headroom.clamp(0.0, 0.9))
+    }
 }
 
 /// The idle guest's migration time: round 0 alone.
@@ -273,7 +278,7 @@ impl Planner {
         caps: &BTreeMap<ProcId, f64>,
         st: &PolicyState,
     ) -> Self {
-        let margin = 1.0 / (1.0 - s.headroom.clamp(0.0, 0.9));
+        let margin = s.margin();
         let page = snap.page_size as f64;
         let mut writers = Vec::new();
         let mut named = 0.0;
@@ -800,7 +805,7 @@ pub fn decide(
     let s = &AutoSettings { target, ..*s };
     let without_caps = pl.eval(&BTreeMap::new(), None);
     let (desired, why) = desired_caps(&pl, s);
-    let margin = 1.0 / (1.0 - s.headroom.clamp(0.0, 0.9));
+    let margin = s.margin();
     let sample = |id: &ProcId| snap.processes.iter().find(|p| p.id() == *id);
     let mut in_force: BTreeMap<ProcId, f64> = caps.clone();
     for (id, c) in &desired {

@@ -36,8 +36,7 @@ pub fn newcomer_due(sampler: &mut Sampler, s: &AutoSettings) -> bool {
     // On a fast link an IMMP's start-up alone is not a peek's worth of its pace.
     let min_bytes = NEWCOMER_MIN_BYTES.max(share * super::run::PEEK.as_secs_f64());
     // As the policy plans rates: with the headroom (`blamed`).
-    let margin = 1.0 / (1.0 - s.headroom.clamp(0.0, 0.9));
-    sampler.newcomer_rate(min_bytes) * margin >= share
+    sampler.newcomer_rate(min_bytes) * s.margin() >= share
 }
 
 /// What a command lends the policy loop.

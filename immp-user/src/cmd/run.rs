@@ -89,16 +89,16 @@ pub enum Next {
 }
 
 /// What the loop calls: `tick` every interval, and between ticks (every `PEEK`) `sooner`,
-/// which may ask for the next tick now.
+/// which may ask for the next tick now (`tick` is then told it is `early`).
 pub trait Ticks {
-    fn tick(&mut self) -> anyhow::Result<Next>;
+    fn tick(&mut self, early: bool) -> anyhow::Result<Next>;
     fn sooner(&mut self) -> bool {
         false
     }
 }
 
 impl<F: FnMut() -> anyhow::Result<Next>> Ticks for F {
-    fn tick(&mut self) -> anyhow::Result<Next> {
+    fn tick(&mut self, _early: bool) -> anyhow::Result<Next> {
         self()
     }
 }
@@ -130,7 +130,7 @@ pub fn run_loop(
             return Ok(());
         };
         early_run = if early { early_run + 1 } else { 0 };
-        let wait = match t.tick()? {
+        let wait = match t.tick(early)? {
             Next::After(w) => w,
             Next::Stop => return Ok(()),
         };
@@ -232,7 +232,7 @@ mod tests {
     }
 
     impl Ticks for Soon {
-        fn tick(&mut self) -> anyhow::Result<Next> {
+        fn tick(&mut self, _early: bool) -> anyhow::Result<Next> {
             self.ticks.push(self.start.elapsed());
             Ok(Next::After(Duration::from_secs(10)))
         }
@@ -247,7 +247,7 @@ mod tests {
     struct Churn(Instant, Vec<Duration>);
 
     impl Ticks for Churn {
-        fn tick(&mut self) -> anyhow::Result<Next> {
+        fn tick(&mut self, _early: bool) -> anyhow::Result<Next> {
             self.1.push(self.0.elapsed());
             Ok(Next::After(Duration::from_secs(1)))
         }

@@ -192,21 +192,18 @@ struct Agent<'a> {
     out: Box<dyn View + 'a>,
     metrics: MetricsView,
     published: Arc<Published>,
-    /// The coming tick was asked for early (`Ticks::sooner`).
-    early: bool,
 }
 
 impl Ticks for Agent<'_> {
-    fn tick(&mut self) -> anyhow::Result<Next> {
-        self.interval()
+    fn tick(&mut self, early: bool) -> anyhow::Result<Next> {
+        self.interval(early)
     }
 
     fn sooner(&mut self) -> bool {
-        self.early = match (&self.thr, &self.settings) {
+        match (&self.thr, &self.settings) {
             (Some(_), Some(s)) => newcomer_due(&mut self.sampler, s),
             _ => false,
-        };
-        self.early
+        }
     }
 }
 
@@ -235,7 +232,6 @@ impl<'a> Agent<'a> {
             out,
             metrics,
             published,
-            early: false,
         }
     }
 
@@ -268,13 +264,13 @@ impl<'a> Agent<'a> {
         self.published.set_initial(text);
     }
 
-    fn interval(&mut self) -> anyhow::Result<Next> {
+    fn interval(&mut self, early: bool) -> anyhow::Result<Next> {
         super::run::test_panic_hook();
         if self.published.http_failed.load(Ordering::SeqCst) {
             anyhow::bail!("the HTTP server stopped (see above)");
         }
         let snap = Snapshot {
-            early: std::mem::take(&mut self.early),
+            early,
             ..self.sampler.sample()
         };
         let failed = self.auto_step(&snap);

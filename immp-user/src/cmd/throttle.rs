@@ -78,8 +78,6 @@ struct Run<'a> {
     cpu: CpuMeter,
     /// Processes already reported as held by their own cgroup's limit (manual caps).
     held: BTreeSet<ProcId>,
-    /// The coming tick was asked for early (`Ticks::sooner`).
-    early: bool,
 }
 
 /// What `throttle --auto` lends the policy loop: its output and its sampler.
@@ -138,7 +136,6 @@ pub fn run(a: ThrottleArgs) -> anyhow::Result<i32> {
         auto: AutoCap::default(),
         cpu: CpuMeter::default(),
         held: BTreeSet::new(),
-        early: false,
     };
     run.start(&targets)?;
     let res = if stop_requested().is_some() {
@@ -175,16 +172,15 @@ fn open_sampler(
 }
 
 impl Ticks for Run<'_> {
-    fn tick(&mut self) -> anyhow::Result<Next> {
-        self.interval()
+    fn tick(&mut self, early: bool) -> anyhow::Result<Next> {
+        self.interval(early)
     }
 
     fn sooner(&mut self) -> bool {
-        self.early = match (self.a.auto, &self.settings, &mut self.sampler) {
+        match (self.a.auto, &self.settings, &mut self.sampler) {
             (true, Some(s), Some(sampler)) => newcomer_due(sampler, s),
             _ => false,
-        };
-        self.early
+        }
     }
 }
 
@@ -262,9 +258,8 @@ impl Run<'_> {
         }
     }
 
-    fn interval(&mut self) -> anyhow::Result<Next> {
+    fn interval(&mut self, early: bool) -> anyhow::Result<Next> {
         super::run::test_panic_hook();
-        let early = std::mem::take(&mut self.early);
         let snap = self.sampler.as_mut().map(|s| Snapshot {
             early,
             ..s.sample()

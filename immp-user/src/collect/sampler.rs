@@ -242,10 +242,7 @@ impl<C: CounterSource, P: ProcSource> Sampler<C, P> {
     /// Activity before start does not count in the first interval; in exact mode the first
     /// window arms every process the kernel side has seen, busiest first.
     fn baseline(&mut self) {
-        self.newcomers = Newcomers {
-            created: self.counters.kernel_stats().entries_created,
-            small: Vec::new(),
-        };
+        self.newcomers_from_here();
         for (pid, c) in self.counters.read_counters() {
             self.prev.insert(
                 pid,
@@ -366,11 +363,7 @@ impl<C: CounterSource, P: ProcSource> Sampler<C, P> {
         self.last = now;
         self.seq += 1;
         let mut reads = Reads::default();
-        // Before the table is read: an entry created meanwhile is then new to the next peek.
-        self.newcomers = Newcomers {
-            created: self.counters.kernel_stats().entries_created,
-            small: Vec::new(),
-        };
+        self.newcomers_from_here();
         self.read_exits(&mut reads, dt);
         self.close_windows(&mut reads);
         let tracked = self.read_live(&mut reads);
@@ -584,6 +577,15 @@ impl<C: CounterSource, P: ProcSource> Sampler<C, P> {
                 }
             }
         }
+    }
+
+    /// Newcomers are counted from here: call right before the table is read (an entry created
+    /// meanwhile is then new to the next `newcomer_rate`).
+    fn newcomers_from_here(&mut self) {
+        self.newcomers = Newcomers {
+            created: self.counters.kernel_stats().entries_created,
+            small: Vec::new(),
+        };
     }
 
     /// The fastest dirtying, bytes per second over its life so far (at least 0.1 s of it:
