@@ -84,6 +84,8 @@ pub mod maps {
     pub const ARMED_CAPACITY: u32 = 4096;
     /// Thread id -> `PendingWrite` (classic tracepoints only).
     pub const PENDING: &str = "PENDING";
+    /// `PENDING`'s size where it is not used (an LRU map needs room on every CPU's list).
+    pub const PENDING_UNUSED: u32 = 64;
 }
 
 /// The per-window set of pages each process wrote (`maps::SEEN`), as a set-associative table:

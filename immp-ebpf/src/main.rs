@@ -16,7 +16,7 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     Global,
-    bindings::BPF_NOEXIST,
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
         bpf_ktime_get_boot_ns, bpf_probe_read_kernel, bpf_probe_read_user,
@@ -29,9 +29,14 @@ use immp_common::{
     Counters, ExitEvent, PendingWrite, fault, maps::ARMED_CAPACITY, seen, stats, syscalls,
 };
 
-/// Default capacity; the loader overrides it (`--max-procs`).
+/// Default capacity; the loader overrides it (`--max-procs`). Not preallocated: a
+/// preallocated table links every free entry into a free list, writing a pointer into each
+/// one, so all of it (2.5 MB at 16384 entries) is memory the next migration has to send
+/// whether or not a process ever uses it. Allocated per process instead (a process's first
+/// fault), kernels >= 6.1 from the BPF memory allocator; older kernels allow it for
+/// tracepoints too (the verifier only warns).
 #[map]
-static COUNTERS: HashMap<u32, Counters> = HashMap::with_max_entries(16384, 0);
+static COUNTERS: HashMap<u32, Counters> = HashMap::with_max_entries(16384, BPF_F_NO_PREALLOC);
 
 #[map]
 static EXITS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
@@ -45,8 +50,9 @@ static SEEN: Array<u64> = Array::with_max_entries(seen::SLOTS, 0);
 #[map]
 static WINDOW: Array<u32> = Array::with_max_entries(1, 0);
 
+/// Not preallocated, like `COUNTERS`: it holds only the processes re-armed in exact mode.
 #[map]
-static ARMED: HashMap<u32, u32> = HashMap::with_max_entries(ARMED_CAPACITY, 0);
+static ARMED: HashMap<u32, u32> = HashMap::with_max_entries(ARMED_CAPACITY, BPF_F_NO_PREALLOC);
 
 #[unsafe(no_mangle)]
 static FOLIO_NR_PAGES_OFFSET: Global<u32> = Global::new(0);
@@ -58,6 +64,8 @@ static PG_HEAD_BIT: Global<u32> = Global::new(6);
 #[unsafe(no_mangle)]
 static FOLIO_INDEX_OFFSET: Global<u32> = Global::new(0);
 
+/// Used by the classic tracepoints only; the loader shrinks it otherwise (an LRU map is
+/// always preallocated, and its free list writes a pointer into every entry).
 #[map]
 static PENDING: LruHashMap<u32, PendingWrite> = LruHashMap::with_max_entries(4096, 0);
 

@@ -187,9 +187,15 @@ impl Probes {
         .0
     }
 
-    fn loader(opts: &ProbeOptions, facts: &KernelFacts) -> anyhow::Result<Ebpf> {
+    /// `classic`: the classic-tracepoint flavour, the only user of `PENDING`.
+    fn loader(opts: &ProbeOptions, facts: &KernelFacts, classic: bool) -> anyhow::Result<Ebpf> {
         let mut loader = Self::new_loader();
         loader.map_max_entries(maps::COUNTERS, opts.max_procs.max(1));
+        if !classic {
+            // Every map is created, used or not; this one is preallocated (LRU), so it is
+            // made as small as the kernel takes: its pages would be sent by every migration.
+            loader.map_max_entries(maps::PENDING, maps::PENDING_UNUSED);
+        }
         let (off, bit, index) = facts.folio.map_or((0u32, 0u32, 0u32), |f| {
             (f.nr_pages_offset, f.pg_head_bit, f.index_offset)
         });
@@ -210,7 +216,7 @@ impl Probes {
     /// arguments, but no BTF type id to attach, so no BTF parser in memory.)
     fn load_btf(opts: &ProbeOptions) -> anyhow::Result<Self> {
         let facts = KernelFacts::read()?;
-        let mut ebpf = Self::loader(opts, &facts)?;
+        let mut ebpf = Self::loader(opts, &facts, false)?;
         let mut hooks = BTreeMap::new();
         for (h, present) in HOOKS.iter().zip(facts.present) {
             let Some(btf_prog) = h.btf_prog else { continue };
@@ -262,7 +268,7 @@ impl Probes {
             folio: None,
             ..KernelFacts::read().unwrap_or_default()
         };
-        let mut ebpf = Self::loader(opts, &facts)?;
+        let mut ebpf = Self::loader(opts, &facts, true)?;
         let mut hooks = BTreeMap::new();
         for h in HOOKS {
             if h.left_out(opts, &mut hooks) {
