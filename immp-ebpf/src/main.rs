@@ -310,9 +310,6 @@ fn destination(nr: u64, a: &[u64; 4]) -> Option<(u64, End)> {
     })
 }
 
-/// Pages checked one by one against the window's set; a longer write counts its other pages
-/// as new (one call rarely rewrites a large range twice in a window).
-const SHMEM_DEDUP_PAGES: u64 = 64;
 
 /// A write-family call returned `written > 0` bytes: if its file is shmem (tmpfs, /dev/shm,
 /// memfd), count the distinct pages it wrote this window. No other event sees them: the
@@ -346,13 +343,17 @@ fn on_write_done(nr: u64, args: &[u64; 4], written: u64) {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     let Some(c) = counters(tgid) else { return };
     let pages = last - first + 1;
-    let mut fresh = pages.saturating_sub(SHMEM_DEDUP_PAGES);
-    for i in 0..SHMEM_DEDUP_PAGES {
-        if i >= pages {
+    // Checked in aligned units (see `seen::UNITS`): the whole ones, at most UNITS, one by one;
+    // the pages of the units it covers only in part at its two ends count as new.
+    let (whole, units) = seen::whole_units(first, last);
+    let shift = seen::unit_shift(pages);
+    let mut fresh = pages - (units << shift);
+    for k in 0..seen::UNITS {
+        if k >= units {
             break;
         }
-        if !repeat(tgid, seen::file_page(inode, first + i)) {
-            fresh += 1;
+        if !repeat(tgid, seen::file_unit(inode, whole + k, shift)) {
+            fresh += 1 << shift;
         }
     }
     // SAFETY: `c` is a live map value.
