@@ -169,6 +169,27 @@ pub mod seen {
         (start, end.saturating_sub(start))
     }
 
+    /// How many of the pages `first..=last` one call wrote are new this window: the whole units
+    /// `seen(unit, shift)` says were not seen yet (it marks them), and every page of a unit
+    /// covered only in part. The kernel side runs exactly this (with its window set as `seen`).
+    #[inline(always)]
+    pub fn new_pages(first: u64, last: u64, mut seen: impl FnMut(u64, u32) -> bool) -> u64 {
+        let pages = last - first + 1;
+        let shift = unit_shift(pages);
+        let (whole, units) = whole_units(first, last);
+        let mut new = pages - (units << shift);
+        // A constant bound for the verifier; `units` never exceeds it.
+        for k in 0..UNITS {
+            if k >= units {
+                break;
+            }
+            if !seen(whole + k, shift) {
+                new += 1 << shift;
+            }
+        }
+        new
+    }
+
     /// The name a whole unit has in the set: its first page's index, with the unit size kept
     /// apart (a pair and a single page starting at one index are different units).
     pub const fn file_unit(object: u64, unit: u64, shift: u32) -> u64 {
@@ -307,20 +328,14 @@ mod tests {
         assert!(r < 2 * n * 8 / 100, "{r} of {} recounted", 2 * n);
     }
 
-    /// The kernel side's walk over a call's units, as `on_write_done` does it: pages
-    /// counted as new when their unit is whole and unseen or only partly covered.
+    /// The kernel side's count, over a set of units seen this window.
     fn new_pages(set: &mut std::collections::BTreeSet<u64>, first: u64, last: u64) -> u64 {
-        let pages = last - first + 1;
-        let s = seen::unit_shift(pages);
-        let (whole, units) = seen::whole_units(first, last);
-        assert!(units <= seen::UNITS, "{pages} pages: {units} whole units");
-        let mut new = pages - (units << s);
-        for u in whole..whole + units {
-            if set.insert(seen::file_unit(7, u, s)) {
-                new += 1 << s;
-            }
-        }
-        new
+        let (_, units) = seen::whole_units(first, last);
+        assert!(
+            units <= seen::UNITS,
+            "{first}..={last}: {units} whole units"
+        );
+        seen::new_pages(first, last, |u, s| !set.insert(seen::file_unit(7, u, s)))
     }
 
     #[test]

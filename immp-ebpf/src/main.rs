@@ -16,7 +16,7 @@ use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     Global,
-    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
+    bindings::BPF_NOEXIST,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task,
         bpf_ktime_get_boot_ns, bpf_probe_read_kernel, bpf_probe_read_user,
@@ -29,14 +29,12 @@ use immp_common::{
     Counters, ExitEvent, PendingWrite, fault, maps::ARMED_CAPACITY, seen, stats, syscalls,
 };
 
-/// Default capacity; the loader overrides it (`--max-procs`). Not preallocated: a
-/// preallocated table links every free entry into a free list, writing a pointer into each
-/// one, so all of it (2.5 MB at 16384 entries) is memory the next migration has to send
-/// whether or not a process ever uses it. Allocated per process instead (a process's first
-/// fault), kernels >= 6.1 from the BPF memory allocator; older kernels allow it for
-/// tracepoints too (the verifier only warns).
+/// Default capacity; the loader overrides it (`--max-procs`). Preallocated here, as every
+/// kernel takes it; on kernels >= 6.1 the loader makes it allocate per process instead
+/// (`collect::probes`): a preallocated table writes a free-list pointer into every entry, 2.5
+/// MB at 16384 entries that the next migration sends whether a process uses them or not.
 #[map]
-static COUNTERS: HashMap<u32, Counters> = HashMap::with_max_entries(16384, BPF_F_NO_PREALLOC);
+static COUNTERS: HashMap<u32, Counters> = HashMap::with_max_entries(16384, 0);
 
 #[map]
 static EXITS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
@@ -50,9 +48,10 @@ static SEEN: Array<u64> = Array::with_max_entries(seen::SLOTS, 0);
 #[map]
 static WINDOW: Array<u32> = Array::with_max_entries(1, 0);
 
-/// Not preallocated, like `COUNTERS`: it holds only the processes re-armed in exact mode.
+/// Allocated per entry on kernels >= 6.1, like `COUNTERS`: it holds only the processes
+/// re-armed in exact mode.
 #[map]
-static ARMED: HashMap<u32, u32> = HashMap::with_max_entries(ARMED_CAPACITY, BPF_F_NO_PREALLOC);
+static ARMED: HashMap<u32, u32> = HashMap::with_max_entries(ARMED_CAPACITY, 0);
 
 #[unsafe(no_mangle)]
 static FOLIO_NR_PAGES_OFFSET: Global<u32> = Global::new(0);
@@ -343,19 +342,10 @@ fn on_write_done(nr: u64, args: &[u64; 4], written: u64) {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     let Some(c) = counters(tgid) else { return };
     let pages = last - first + 1;
-    // Checked in aligned units (see `seen::UNITS`): the whole ones, at most UNITS, one by one;
-    // the pages of the units it covers only in part at its two ends count as new.
-    let (whole, units) = seen::whole_units(first, last);
-    let shift = seen::unit_shift(pages);
-    let mut fresh = pages - (units << shift);
-    for k in 0..seen::UNITS {
-        if k >= units {
-            break;
-        }
-        if !repeat(tgid, seen::file_unit(inode, whole + k, shift)) {
-            fresh += 1 << shift;
-        }
-    }
+    // Checked in aligned units (see `seen::UNITS`).
+    let fresh = seen::new_pages(first, last, |unit, shift| {
+        repeat(tgid, seen::file_unit(inode, unit, shift))
+    });
     // SAFETY: `c` is a live map value.
     unsafe {
         add(&raw mut (*c).shmem_pages, fresh);

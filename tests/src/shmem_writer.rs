@@ -8,8 +8,8 @@ use std::{
     os::fd::{AsRawFd, FromRawFd},
 };
 
-/// Pages per call (the kernel side checks up to 64 pages of one call against the window; a
-/// larger call counts its other pages as new).
+/// Pages per call (the kernel side checks a call in at most 8 aligned units; 16-page calls at
+/// multiples of 16 are pairs, rewritten exactly).
 const CHUNK: usize = 16;
 
 const CALLS: &str =

@@ -206,8 +206,9 @@ impl Probes {
         for (name, value) in globals::FILE_LAYOUT.iter().zip(&file) {
             loader.override_global(name, value, true);
         }
+        let object = per_entry_maps(OBJECT, &kernel_release());
         loader
-            .load(OBJECT)
+            .load(&object)
             .map_err(|e| anyhow!("loading the eBPF object failed: {e}"))
     }
 
@@ -505,6 +506,69 @@ fn loader_without_kernel_btf<'a>() -> Option<EbpfLoader<'a>> {
         .flatten()
 }
 
+/// The hash maps that allocate an entry when one is needed where the kernel allows it: a
+/// preallocated hash writes a free-list pointer into every entry, so all of it is non-zero
+/// memory the next migration sends (2.5 MB for `COUNTERS` at its default 16384 entries).
+const PER_ENTRY_MAPS: [&str; 2] = [maps::COUNTERS, maps::ARMED];
+
+/// `BPF_F_NO_PREALLOC` (include/uapi/linux/bpf.h).
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// Where `map_flags` sits in aya-ebpf's map definition (`bpf_map_def`: type, key size, value
+/// size, max entries, flags, ... as u32).
+const MAP_DEF_TYPE: usize = 0;
+const MAP_DEF_FLAGS: usize = 16;
+const BPF_MAP_TYPE_HASH: u32 = 1;
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default()
+}
+
+/// Whether the kernel lets tracing programs use hash maps that allocate per entry: from 6.1
+/// (they allocate from the BPF memory allocator); before, the verifier WARNs and taints the
+/// kernel, and refuses on PREEMPT_RT.
+fn per_entry_allowed(release: &str) -> bool {
+    let mut it = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().ok());
+    matches!((it.next().flatten(), it.next().flatten()), (Some(a), Some(b)) if (a, b) >= (6, 1))
+}
+
+/// The object with `PER_ENTRY_MAPS` made to allocate per entry where the kernel allows it;
+/// as built (preallocated, which every kernel takes) otherwise, or where a map's definition
+/// is not where and what it should be.
+fn per_entry_maps(object: &[u8], release: &str) -> Vec<u8> {
+    per_entry_allowed(release)
+        .then(|| with_map_flags(object, &PER_ENTRY_MAPS, BPF_F_NO_PREALLOC))
+        .flatten()
+        .unwrap_or_else(|| object.to_vec())
+}
+
+/// A copy of the ELF `object` with `flags` set in the definitions of the hash maps `names`;
+/// None if one is missing or not a hash map whose flags are 0.
+fn with_map_flags(object: &[u8], names: &[&str], flags: u32) -> Option<Vec<u8>> {
+    use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
+    let file = object::File::parse(object).ok()?;
+    let mut out = object.to_vec();
+    for name in names {
+        let sym = file.symbols().find(|s| s.name() == Ok(*name))?;
+        let section = file.section_by_index(sym.section_index()?).ok()?;
+        let (start, _) = section.file_range()?;
+        let def = usize::try_from(start + sym.address() - section.address()).ok()?;
+        let u32_at = |o: usize| -> Option<u32> {
+            Some(u32::from_le_bytes(
+                out.get(def + o..def + o + 4)?.try_into().ok()?,
+            ))
+        };
+        if u32_at(MAP_DEF_TYPE)? != BPF_MAP_TYPE_HASH || u32_at(MAP_DEF_FLAGS)? != 0 {
+            return None;
+        }
+        out[def + MAP_DEF_FLAGS..def + MAP_DEF_FLAGS + 4].copy_from_slice(&flags.to_le_bytes());
+    }
+    Some(out)
+}
+
 const TRACEFS: &str = "/sys/kernel/tracing";
 
 /// Classic tracepoints need tracefs; mount it if it is not there (harmless, and what perf and
@@ -526,4 +590,57 @@ pub fn ensure_tracefs() -> anyhow::Result<bool> {
 
 pub fn tracefs_mounted() -> bool {
     Path::new(TRACEFS).join("events").is_dir()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags_of(object: &[u8], name: &str) -> u32 {
+        use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
+        let file = object::File::parse(object).expect("ELF");
+        let sym = file.symbols().find(|s| s.name() == Ok(name)).expect(name);
+        let section = file.section_by_index(sym.section_index().unwrap()).unwrap();
+        let def = (section.file_range().unwrap().0 + sym.address() - section.address()) as usize;
+        u32::from_le_bytes(
+            object[def + MAP_DEF_FLAGS..def + MAP_DEF_FLAGS + 4]
+                .try_into()
+                .unwrap(),
+        )
+    }
+
+    #[test]
+    fn the_table_allocates_per_entry_from_6_1_and_is_preallocated_before() {
+        for (release, per_entry) in [
+            ("6.1.0-57-amd64", true),
+            ("6.12.48+deb13-cloud-amd64", true),
+            ("6.18.44-fc-v669\n", true),
+            ("6.0.12", false),
+            ("5.10.0-33-amd64", false),
+            ("", false),
+        ] {
+            assert_eq!(per_entry_allowed(release), per_entry, "{release}");
+            let object = per_entry_maps(OBJECT, release);
+            let want = if per_entry { BPF_F_NO_PREALLOC } else { 0 };
+            for name in PER_ENTRY_MAPS {
+                assert_eq!(flags_of(&object, name), want, "{name} on {release}");
+            }
+            // Nothing else changed: other maps keep their flags, the rest its bytes.
+            assert_eq!(
+                flags_of(&object, maps::STATS),
+                flags_of(OBJECT, maps::STATS)
+            );
+            let differ = object.iter().zip(OBJECT).filter(|(a, b)| a != b).count();
+            assert!(differ <= PER_ENTRY_MAPS.len(), "{differ} bytes changed");
+        }
+    }
+
+    #[test]
+    fn a_map_that_is_not_a_hash_with_no_flags_is_left_alone() {
+        // EXITS is a ring buffer: no object comes back, and the loader uses the one as built.
+        assert!(with_map_flags(OBJECT, &[maps::EXITS], BPF_F_NO_PREALLOC).is_none());
+        assert!(with_map_flags(OBJECT, &["NO_SUCH_MAP"], BPF_F_NO_PREALLOC).is_none());
+        let once = with_map_flags(OBJECT, &[maps::COUNTERS], BPF_F_NO_PREALLOC).unwrap();
+        assert!(with_map_flags(&once, &[maps::COUNTERS], BPF_F_NO_PREALLOC).is_none());
+    }
 }
