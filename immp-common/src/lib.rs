@@ -84,7 +84,8 @@ pub mod maps {
     pub const ARMED_CAPACITY: u32 = 4096;
     /// Thread id -> `PendingWrite` (classic tracepoints only).
     pub const PENDING: &str = "PENDING";
-    /// `PENDING`'s size where it is not used (an LRU map needs room on every CPU's list).
+    /// `PENDING`'s size where it is not used (every map in the object is created; a small
+    /// one keeps its preallocated entries few).
     pub const PENDING_UNUSED: u32 = 64;
 }
 
@@ -143,13 +144,14 @@ pub mod seen {
     /// `UNITS` pages, pairs up to twice that, and so on. A call that rewrites the range an
     /// earlier one wrote with calls of the same size finds every unit seen; the pages of a unit
     /// it covers only in part (at its two ends) count as new, unchecked and unmarked (an
-    /// over-count at the edges of a misaligned call, never an under-count). Why units and not pages: the check is a bounded
-    /// loop the verifier walks once per iteration, and its states for 64 pages (61,000
-    /// instructions) were 2.5 MiB of kernel memory freed with its bytes, which the next
-    /// migration of the guest sends (at 8 units, 15,500 instructions: immp's start left 1.1 MiB
-    /// more non-zero memory in the lab's guest, against 3.4 before). The cost
-    /// of 8 rather than 16 (31,700 instructions): a misaligned call rewritten counts up to
-    /// 2 x (unit - 1) pages again, a quarter of a call of 9-16 pages at worst.
+    /// over-count at the edges of a misaligned call, never an under-count). Why units and not
+    /// pages: the check is a bounded loop the verifier walks once per iteration, and its
+    /// states for 64 pages (61,000 instructions) were 2.5 MiB of kernel memory freed with its
+    /// bytes, which the next migration of the guest sends (at 8 units, about 10,000
+    /// instructions: immp's start left 1.1 MiB more non-zero memory in the lab's guest,
+    /// against 3.4 before). The cost of 8 rather than 16 (about twice the instructions): a
+    /// misaligned call rewritten counts up to 2 x (unit - 1) pages again, a quarter of a call
+    /// of 9-16 pages at worst.
     pub const UNITS: u64 = 8;
 
     /// log2 of the unit for a call of `pages` pages: the smallest `s` with `pages <= UNITS << s`.
@@ -160,13 +162,13 @@ pub mod seen {
         64 - per.saturating_sub(1).leading_zeros()
     }
 
-    /// The whole units of the call over pages `first..=last`: the first one, and how many
-    /// (at most `UNITS`).
-    pub const fn whole_units(first: u64, last: u64) -> (u64, u64) {
+    /// The units of the call over pages `first..=last`: their shift (`unit_shift`), the first
+    /// whole one, and how many whole ones (at most `UNITS`).
+    pub const fn whole_units(first: u64, last: u64) -> (u32, u64, u64) {
         let shift = unit_shift(last - first + 1);
         let start = (first + (1 << shift) - 1) >> shift;
         let end = (last + 1) >> shift;
-        (start, end.saturating_sub(start))
+        (shift, start, end.saturating_sub(start))
     }
 
     /// How many of the pages `first..=last` one call wrote are new this window: the whole units
@@ -174,10 +176,8 @@ pub mod seen {
     /// covered only in part. The kernel side runs exactly this (with its window set as `seen`).
     #[inline(always)]
     pub fn new_pages(first: u64, last: u64, mut seen: impl FnMut(u64, u32) -> bool) -> u64 {
-        let pages = last - first + 1;
-        let shift = unit_shift(pages);
-        let (whole, units) = whole_units(first, last);
-        let mut new = pages - (units << shift);
+        let (shift, whole, units) = whole_units(first, last);
+        let mut new = last - first + 1 - (units << shift);
         // A constant bound for the verifier; `units` never exceeds it.
         for k in 0..UNITS {
             if k >= units {
@@ -330,7 +330,7 @@ mod tests {
 
     /// The kernel side's count, over a set of units seen this window.
     fn new_pages(set: &mut std::collections::BTreeSet<u64>, first: u64, last: u64) -> u64 {
-        let (_, units) = seen::whole_units(first, last);
+        let (_, _, units) = seen::whole_units(first, last);
         assert!(
             units <= seen::UNITS,
             "{first}..={last}: {units} whole units"
@@ -380,7 +380,7 @@ mod tests {
                 again < 2 * unit,
                 "{pages} pages: {again} again (unit {unit})"
             );
-            let (_, units) = seen::whole_units(first, last);
+            let (_, _, units) = seen::whole_units(first, last);
             assert_eq!(again, pages - units * unit);
         }
         // Up to UNITS pages a call: page by page, exact.

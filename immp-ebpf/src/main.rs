@@ -309,7 +309,6 @@ fn destination(nr: u64, a: &[u64; 4]) -> Option<(u64, End)> {
     })
 }
 
-
 /// A write-family call returned `written > 0` bytes: if its file is shmem (tmpfs, /dev/shm,
 /// memfd), count the distinct pages it wrote this window. No other event sees them: the
 /// writer never faults on them, and shmem does not account its pages dirty.

@@ -113,10 +113,7 @@ fn shmem_self_test(probes: &Probes, pages: usize) -> u64 {
 }
 
 pub fn run() -> Report {
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .unwrap_or_default()
-        .trim()
-        .to_string();
+    let kernel = super::probes::kernel_release();
     let root = is_root();
     let mut checks = vec![root_check(root), lockdown_check()];
     checks.extend(btf_checks());

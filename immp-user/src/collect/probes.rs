@@ -520,8 +520,12 @@ const MAP_DEF_TYPE: usize = 0;
 const MAP_DEF_FLAGS: usize = 16;
 const BPF_MAP_TYPE_HASH: u32 = 1;
 
-fn kernel_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default()
+/// The running kernel's release ("6.1.0-57-amd64"); empty where it cannot be read.
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
 }
 
 /// Whether the kernel lets tracing programs use hash maps that allocate per entry: from 6.1
@@ -548,14 +552,10 @@ fn per_entry_maps(object: &[u8], release: &str) -> Vec<u8> {
 /// A copy of the ELF `object` with `flags` set in the definitions of the hash maps `names`;
 /// None if one is missing or not a hash map whose flags are 0.
 fn with_map_flags(object: &[u8], names: &[&str], flags: u32) -> Option<Vec<u8>> {
-    use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
     let file = object::File::parse(object).ok()?;
     let mut out = object.to_vec();
     for name in names {
-        let sym = file.symbols().find(|s| s.name() == Ok(*name))?;
-        let section = file.section_by_index(sym.section_index()?).ok()?;
-        let (start, _) = section.file_range()?;
-        let def = usize::try_from(start + sym.address() - section.address()).ok()?;
+        let def = map_def_offset(&file, name)?;
         let u32_at = |o: usize| -> Option<u32> {
             Some(u32::from_le_bytes(
                 out.get(def + o..def + o + 4)?.try_into().ok()?,
@@ -567,6 +567,15 @@ fn with_map_flags(object: &[u8], names: &[&str], flags: u32) -> Option<Vec<u8>> 
         out[def + MAP_DEF_FLAGS..def + MAP_DEF_FLAGS + 4].copy_from_slice(&flags.to_le_bytes());
     }
     Some(out)
+}
+
+/// Where the definition of the map `name` starts in the object's file.
+fn map_def_offset(file: &object::File, name: &str) -> Option<usize> {
+    use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
+    let sym = file.symbols().find(|s| s.name() == Ok(name))?;
+    let section = file.section_by_index(sym.section_index()?).ok()?;
+    let (start, _) = section.file_range()?;
+    usize::try_from(start + sym.address() - section.address()).ok()
 }
 
 const TRACEFS: &str = "/sys/kernel/tracing";
@@ -597,11 +606,8 @@ mod tests {
     use super::*;
 
     fn flags_of(object: &[u8], name: &str) -> u32 {
-        use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
         let file = object::File::parse(object).expect("ELF");
-        let sym = file.symbols().find(|s| s.name() == Ok(name)).expect(name);
-        let section = file.section_by_index(sym.section_index().unwrap()).unwrap();
-        let def = (section.file_range().unwrap().0 + sym.address() - section.address()) as usize;
+        let def = map_def_offset(&file, name).expect(name);
         u32::from_le_bytes(
             object[def + MAP_DEF_FLAGS..def + MAP_DEF_FLAGS + 4]
                 .try_into()
